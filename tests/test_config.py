@@ -1,0 +1,163 @@
+"""Config resolution, profiles and the error messages users see."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from unisparse_vllm.config import (
+    ConfigError,
+    UniSparseConfig,
+    builtin_profiles,
+    config_from_vllm,
+    family_profile,
+    resolve_config,
+)
+
+
+def test_defaults_are_the_spec() -> None:
+    config = resolve_config()
+    assert (config.block_size, config.c_q, config.c_k, config.c_h) == (128, 16, 16, None)
+    assert (config.mode, config.tau, config.sink_blocks, config.local_blocks) == (
+        "top_p",
+        0.9,
+        1,
+        1,
+    )
+    assert (config.min_sparse_tokens, config.dense_tail_blocks) == (8192, 1)
+
+
+def test_every_builtin_profile_validates() -> None:
+    names = [p.name for p in builtin_profiles()]
+    assert names[0] == "default"
+    assert {"llama", "qwen2", "qwen3", "mistral"} <= set(names)
+    for profile in builtin_profiles():
+        UniSparseConfig.model_validate(profile.settings)
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        (dict(model_type="llama"), "llama"),
+        (dict(architectures=["Qwen2ForCausalLM"]), "qwen2"),
+        (dict(model_name="/models/Qwen3-8B"), "qwen3"),
+        (dict(model_name="mistralai/Mistral-7B-v0.3"), "mistral"),
+        (dict(model_type="gpt2"), None),
+    ],
+)
+def test_family_profile_matching(kwargs: dict, expected: str | None) -> None:
+    profile = family_profile(**kwargs)
+    assert (profile.name if profile else None) == expected
+
+
+def test_precedence_default_family_file_inline(tmp_path) -> None:
+    assert resolve_config(model_type="llama").dense_layers == [0]
+    user = tmp_path / "mine.yaml"
+    user.write_text("dense_layers: [0, 1]\ntau: 0.8\nblock_size: 64\n")
+    from_file = resolve_config(file=user, model_type="llama")
+    assert (from_file.dense_layers, from_file.tau, from_file.block_size) == ([0, 1], 0.8, 64)
+    both = resolve_config({"profile": str(user), "tau": 0.95}, model_type="llama")
+    assert (both.tau, both.dense_layers) == (0.95, [0, 1])
+
+
+def test_json_profile_file(tmp_path) -> None:
+    user = tmp_path / "p.json"
+    user.write_text(json.dumps({"mode": "topk", "density": 0.2}))
+    config = resolve_config(file=user)
+    assert (config.mode, config.density) == ("topk", 0.2)
+
+
+@pytest.mark.parametrize(
+    "inline,words",
+    [
+        ({"tua": 0.9}, ["unknown field 'tua'", "tau"]),
+        ({"tau": 1.5}, ["tau = 1.5", "less than or equal to 1"]),
+        ({"tau": 0}, ["tau = 0", "greater than 0"]),
+        ({"c_q": 24}, ["c_q = 24", "divide block_size=128"]),
+        ({"block_size": 96}, ["block_size = 96", "64", "128"]),
+        ({"sink_blocks": -1}, ["sink_blocks = -1", "greater than or equal to 0"]),
+        ({"local_blocks": 0}, ["local_blocks = 0"]),
+        ({"max_blocks": 1}, ["max_blocks=1", "sink_blocks + local_blocks = 2"]),
+        ({"dense_layers": [-2]}, ["dense_layers", "-2"]),
+        ({"mode": "random"}, ["mode = 'random'", "top_p", "topk"]),
+        ({"layer_overrides": [{"layers": ["3-1"], "tau": 0.5}]}, ["layer_overrides", "'3-1'"]),
+        ({"layer_overrides": [{"layers": [2], "tau": 2.0}]}, ["layer_overrides.0.tau", "2.0"]),
+    ],
+)
+def test_bad_values_name_field_and_value(inline: dict, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config(inline)
+    message = str(err.value)
+    assert "inline values" in message
+    for word in words:
+        assert word in message
+
+
+def test_c_h_must_divide_the_group() -> None:
+    assert resolve_config({"c_h": 2}).heads_per_selection(8, 2) == 2
+    assert resolve_config().heads_per_selection(14, 2) == 7
+    with pytest.raises(ConfigError, match=r"c_h = 3: must divide the GQA group size 4"):
+        resolve_config({"c_h": 3}).heads_per_selection(8, 2)
+
+
+def test_layer_overrides_and_dense_layers() -> None:
+    config = resolve_config(
+        {
+            "dense_layers": [0],
+            "layer_overrides": [
+                {"layers": ["2-4"], "tau": 0.97},
+                {"layers": [4, "7"], "mode": "topk", "density": 0.3},
+            ],
+        }
+    )
+    assert config.for_layer(0).dense and not config.for_layer(1).dense
+    assert config.for_layer(1).tau == 0.9
+    assert config.for_layer(3).tau == 0.97
+    layer4 = config.for_layer(4)
+    assert (layer4.tau, layer4.mode, layer4.density) == (0.97, "topk", 0.3)
+    assert config.for_layer(7).mode == "topk" and config.for_layer(5).mode == "top_p"
+
+
+def test_override_breaking_a_cross_field_rule_names_the_layer() -> None:
+    config = resolve_config(
+        {"max_blocks": 4, "layer_overrides": [{"layers": [1], "sink_blocks": 4}]}
+    )
+    with pytest.raises(ConfigError, match=r"layer 1.*max_blocks=4"):
+        config.for_layer(1)
+
+
+def test_file_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config(file=tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tau: [0.9\n")
+    with pytest.raises(ConfigError, match="does not parse"):
+        resolve_config(file=broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        resolve_config(file=listing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tau: 7\n")
+    with pytest.raises(ConfigError, match=r"from file .*bad.yaml.*tau = 7"):
+        resolve_config(file=bad)
+
+
+def test_config_from_vllm_section() -> None:
+    hf = SimpleNamespace(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    config = config_from_vllm({"unisparse": {"tau": 0.85}}, hf)
+    assert (config.tau, config.dense_layers) == (0.85, [0])
+    assert config_from_vllm(None, None) == resolve_config()
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        config_from_vllm({"unisparse": 3}, hf)
+
+
+def test_readme_documents_every_field_with_its_default() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, value in UniSparseConfig().model_dump(mode="json").items():
+        shown = value if isinstance(value, str) else json.dumps(value)
+        row = f"| `{name}` | `{shown}` |"
+        assert row in readme, f"README config table lacks or mis-documents {name}: {row}"

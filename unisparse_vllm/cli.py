@@ -1,0 +1,71 @@
+"""The ``unisparse`` command: inspect and validate configs, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from .config import ConfigError, resolve_config
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    config = resolve_config(file=args.file, model_type=args.model_type, model_name=args.model_name)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _config_validate(args: argparse.Namespace) -> int:
+    resolve_config(file=args.file)
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    config = resolve_config({"min_sparse_tokens": 0, "block_size": args.block_size})
+    print(
+        f"UniSparse demo: synthetic long-context case, {args.seq_len} tokens, 8 query / 2 KV "
+        f"heads, head_dim 64, block {config.block_size}, c_q={config.c_q}, c_k={config.c_k}, "
+        "core reference on the CPU"
+    )
+    print(format_table(run_demo(seq_len=args.seq_len, config=config, seed=args.seed)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unisparse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="show or validate a sparsity config")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config")
+    show.add_argument("--model-type", help="hf_config.model_type to match a family profile")
+    show.add_argument("--model-name", help="model name or path to match a family profile")
+    show.add_argument("--file", help="a user profile (YAML or JSON)")
+    show.set_defaults(run=_config_show)
+    validate = config_commands.add_parser("validate", help="check a profile file")
+    validate.add_argument("file")
+    validate.set_defaults(run=_config_validate)
+
+    demo = commands.add_parser("demo", help="run the method on a synthetic long-context case")
+    demo.add_argument("--seq-len", type=int, default=8192)
+    demo.add_argument("--block-size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The sparsity budget: pydantic models, built-in per-model profiles and their resolution.
+
+Precedence, lowest first: the generic default profile < the model family's profile <
+a user profile file < inline values. Inline values are what vLLM passes through
+``--additional-config '{"unisparse": {...}}'``; a ``"profile": "path.yaml"`` key among
+them names the user file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILE_KEY = "profile"
+
+
+class ConfigError(ValueError):
+    """A UniSparse configuration that cannot be used; the message names field and value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerBudget(_Strict):
+    """How one layer selects key blocks: the fields a per-layer override may change."""
+
+    mode: Literal["top_p", "topk"] = Field(
+        "top_p", description="top_p: smallest set reaching mass tau; topk: fixed density."
+    )
+    tau: float = Field(0.9, gt=0.0, le=1.0, description="Cumulative block mass to reach.")
+    density: float = Field(
+        0.1, gt=0.0, le=1.0, description="topk mode: fraction of the causal blocks per row."
+    )
+    sink_blocks: int = Field(1, ge=0, description="First key blocks always selected.")
+    local_blocks: int = Field(
+        1, ge=1, description="Key blocks up to and including the diagonal always selected."
+    )
+    min_blocks: int = Field(1, ge=1, description="Fewest key blocks per row.")
+    max_blocks: int | None = Field(
+        None, ge=1, description="Most key blocks per row (None: no bound)."
+    )
+    dense: bool = Field(False, description="Run this layer densely.")
+
+    @model_validator(mode="after")
+    def _bounds_are_consistent(self) -> LayerBudget:
+        if self.max_blocks is not None:
+            forced = self.sink_blocks + self.local_blocks
+            if self.max_blocks < max(self.min_blocks, forced):
+                raise ValueError(
+                    f"max_blocks={self.max_blocks} must be >= min_blocks={self.min_blocks} "
+                    f"and >= sink_blocks + local_blocks = {forced}"
+                )
+        return self
+
+
+def _parse_layer_spec(spec: int | str) -> tuple[int, int]:
+    """``3`` or ``"3"`` -> (3, 3); ``"2-5"`` -> (2, 5), inclusive."""
+    if isinstance(spec, int):
+        first = last = spec
+    else:
+        parts = spec.split("-")
+        try:
+            first, last = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (-1, -1)
+        except ValueError:
+            first = last = -1
+        if first < 0 or last < first:
+            raise ValueError(f"layer spec {spec!r} is not an index or a range 'a-b' with a <= b")
+    if first < 0:
+        raise ValueError(f"layer index {first} must be >= 0")
+    return first, last
+
+
+class LayerOverride(_Strict):
+    """Budget fields for some layers, given by index (``3``) or inclusive range (``"2-5"``)."""
+
+    layers: list[int | str] = Field(min_length=1)
+    mode: Literal["top_p", "topk"] | None = None
+    tau: float | None = Field(None, gt=0.0, le=1.0)
+    density: float | None = Field(None, gt=0.0, le=1.0)
+    sink_blocks: int | None = Field(None, ge=0)
+    local_blocks: int | None = Field(None, ge=1)
+    min_blocks: int | None = Field(None, ge=1)
+    max_blocks: int | None = Field(None, ge=1)
+    dense: bool | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_parse(cls, layers: list[int | str]) -> list[int | str]:
+        for spec in layers:
+            _parse_layer_spec(spec)
+        return layers
+
+    def covers(self, layer: int) -> bool:
+        return any(a <= layer <= b for a, b in map(_parse_layer_spec, self.layers))
+
+    def changes(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"layers"}).items() if v is not None}
+
+
+class UniSparseConfig(LayerBudget):
+    """The whole sparsity budget of a model (defaults of ALGORITHM.md)."""
+
+    block_size: Literal[64, 128] = Field(128, description="Query/key block size in tokens.")
+    c_q: int = Field(16, ge=1, description="Queries pooled into one composite query.")
+    c_k: int = Field(16, ge=1, description="Keys pooled into one composite key.")
+    c_h: int | None = Field(
+        None, ge=1, description="Query heads pooled per selection (None: the whole GQA group)."
+    )
+    min_sparse_tokens: int = Field(
+        8192, ge=0, description="Requests shorter than this (context + chunk) stay dense."
+    )
+    dense_layers: list[int] = Field(
+        default_factory=list, description="Layer indices that always run densely."
+    )
+    dense_tail_blocks: int = Field(
+        1, ge=0, description="Last query blocks of a prompt that get full attention."
+    )
+    layer_overrides: list[LayerOverride] = Field(
+        default_factory=list, description="Budget changes for some layers, later entries win."
+    )
+
+    @field_validator("c_q", "c_k")
+    @classmethod
+    def _divides_block(cls, value: int, info: Any) -> int:
+        block_size = info.data.get("block_size", 128)
+        if block_size % value:
+            raise ValueError(f"must divide block_size={block_size}")
+        return value
+
+    @field_validator("dense_layers")
+    @classmethod
+    def _non_negative_layers(cls, layers: list[int]) -> list[int]:
+        bad = [i for i in layers if i < 0]
+        if bad:
+            raise ValueError(f"layer indices must be >= 0, got {bad}")
+        return layers
+
+    def for_layer(self, layer: int) -> LayerBudget:
+        """The budget of one layer, overrides applied in order (resolve once, not per step)."""
+        values = {name: getattr(self, name) for name in LayerBudget.model_fields}
+        if layer in self.dense_layers:
+            values["dense"] = True
+        for override in self.layer_overrides:
+            if override.covers(layer):
+                values.update(override.changes())
+        try:
+            return LayerBudget.model_validate(values)
+        except ValidationError as err:
+            raise _config_error(err, f"layer_overrides (layer {layer})") from None
+
+    def heads_per_selection(self, num_q_heads: int, num_kv_heads: int) -> int:
+        """Resolve ``c_h`` for a model's head layout; raises if it does not divide the group."""
+        if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+            raise ConfigError(
+                f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
+        group = num_q_heads // num_kv_heads
+        c_h = group if self.c_h is None else self.c_h
+        if group % c_h:
+            raise ConfigError(
+                f"unisparse.c_h = {c_h}: must divide the GQA group size {group} "
+                f"({num_q_heads} query heads / {num_kv_heads} KV heads)"
+            )
+        return c_h
+
+
+def _config_error(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted([*UniSparseConfig.model_fields, PROFILE_KEY]))
+            lines.append(f"unknown field {field!r} (allowed: {allowed})")
+        else:
+            lines.append(f"{field} = {item.get('input')!r}: {item['msg']}")
+    return ConfigError(f"invalid UniSparse config from {source}: " + "; ".join(lines))
+
+
+# ---- profiles ---------------------------------------------------------------------------
+
+
+class ProfileMatch(_Strict):
+    model_types: list[str] = Field(default_factory=list)
+    architectures: list[str] = Field(default_factory=list)
+    name_patterns: list[str] = Field(default_factory=list)
+
+    def matches(
+        self, model_type: str | None, architectures: Sequence[str], name: str | None
+    ) -> bool:
+        if model_type and model_type in self.model_types:
+            return True
+        if set(architectures) & set(self.architectures):
+            return True
+        lowered = (name or "").lower()
+        return bool(lowered) and any(fnmatch.fnmatch(lowered, p) for p in self.name_patterns)
+
+
+class Profile(_Strict):
+    name: str
+    description: str = ""
+    match: ProfileMatch = Field(default_factory=ProfileMatch)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file holding one mapping; errors name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"UniSparse profile file {str(file)!r} does not exist")
+    text = file.read_text()
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"UniSparse profile file {str(file)!r} does not parse: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"UniSparse profile file {str(file)!r} must hold a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+@cache
+def builtin_profiles() -> tuple[Profile, ...]:
+    """The profiles shipped in ``unisparse_vllm/profiles``; ``default`` first."""
+    folder = resources.files("unisparse_vllm") / "profiles"
+    profiles = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            profile = Profile.model_validate(yaml.safe_load(entry.read_text()))
+            profiles.append(profile)
+    profiles.sort(key=lambda p: p.name != "default")
+    return tuple(profiles)
+
+
+def family_profile(
+    model_type: str | None = None,
+    architectures: Sequence[str] = (),
+    model_name: str | None = None,
+) -> Profile | None:
+    """The first built-in family profile that matches the model, if any."""
+    for profile in builtin_profiles()[1:]:
+        if profile.match.matches(model_type, architectures, model_name):
+            return profile
+    return None
+
+
+def resolve_config(
+    inline: Mapping[str, Any] | None = None,
+    *,
+    file: str | Path | None = None,
+    model_type: str | None = None,
+    architectures: Sequence[str] = (),
+    model_name: str | None = None,
+) -> UniSparseConfig:
+    """Merge default < family profile < user file < inline values and validate once."""
+    inline = dict(inline or {})
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        ("the default profile", builtin_profiles()[0].settings)
+    ]
+    family = family_profile(model_type, architectures, model_name)
+    if family is not None:
+        layers.append((f"the {family.name} profile", family.settings))
+    user_file = inline.pop(PROFILE_KEY, None) or file
+    if user_file is not None:
+        layers.append((f"file {str(user_file)!r}", read_mapping(user_file)))
+    if inline:
+        layers.append(("inline values", inline))
+
+    merged: dict[str, Any] = {}
+    for source, values in layers:
+        try:
+            UniSparseConfig.model_validate({**merged, **values})
+        except ValidationError as err:
+            raise _config_error(err, source) from None
+        merged.update(values)
+    return UniSparseConfig.model_validate(merged)
+
+
+def config_from_vllm(
+    additional_config: Mapping[str, Any] | None,
+    hf_config: Any = None,
+    model_name: str | None = None,
+) -> UniSparseConfig:
+    """The config for a vLLM engine: ``additional_config["unisparse"]`` plus model matching."""
+    section = (additional_config or {}).get("unisparse", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            f"additional_config['unisparse'] must be a mapping, got {type(section).__name__}"
+        )
+    return resolve_config(
+        section,
+        model_type=getattr(hf_config, "model_type", None),
+        architectures=tuple(getattr(hf_config, "architectures", None) or ()),
+        model_name=model_name,
+    )

@@ -1,0 +1,121 @@
+"""The block plan: the one interface between selection ("what to compute") and attention
+("how"). Same shape of data as FlexAttention's BlockMask (``kv_num_blocks``, ``kv_indices``),
+flattened over the rows of a varlen batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import LayerBudget, UniSparseConfig
+from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range
+from .estimate import block_mass
+from .select import select_blocks
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Selected key blocks per (selection head, row); a row is one (request, query block).
+
+    Query head ``h`` uses selection head ``h // heads_per_selection``.
+    ``indices[s, row, :counts[s, row]]`` are ascending absolute key-block indices; -1 after.
+    """
+
+    block_size: int
+    heads_per_selection: int
+    counts: Tensor  # [H_sel, rows] int32
+    indices: Tensor  # [H_sel, rows, W] int32
+    row_request: Tensor  # [rows] int32
+    row_block: Tensor  # [rows] int32, absolute query block index
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_block.shape[0])
+
+    def density(self) -> float:
+        """Selected blocks over causal blocks, over every head and row."""
+        causal = self.row_block.to(self.counts.device, torch.long) + 1
+        return float(self.counts.sum() / (causal.sum() * self.counts.shape[0]))
+
+    def block_mask(self, request: int, num_kv_blocks: int) -> Tensor:
+        """Request's rows as a boolean ``[H_sel, its query blocks, num_kv_blocks]``."""
+        rows = (self.row_request == request).nonzero().flatten().to(self.indices.device)
+        idx = self.indices[:, rows].long()
+        mask = torch.zeros(
+            idx.shape[0], idx.shape[1], num_kv_blocks + 1, dtype=torch.bool, device=idx.device
+        )
+        mask.scatter_(2, torch.where(idx < 0, num_kv_blocks, idx), True)
+        return mask[..., :num_kv_blocks]
+
+
+def request_rows(batch: PrefillBatch, block_size: int) -> tuple[Tensor, Tensor]:
+    """``(row_request, row_block)`` for every query block of every request, in order."""
+    requests, blocks = [], []
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        rows = query_block_range(c, n, block_size)
+        requests += [r] * len(rows)
+        blocks += list(rows)
+    return torch.tensor(requests, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int32)
+
+
+def plan_prefill(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    config: UniSparseConfig,
+    budget: LayerBudget,
+    *,
+    scale: float,
+    prompt_lens: tuple[int, ...] | None = None,
+) -> BlockPlan:
+    """Estimate block mass and select blocks for a whole prefill batch.
+
+    Dense rows (ALGORITHM.md section 6): every row of a request shorter than
+    ``min_sparse_tokens`` or of a dense layer, and the last ``dense_tail_blocks`` query blocks
+    before ``prompt_lens[r]`` (default: the chunk's end, the prompt end if unknown).
+    """
+    block_size = config.block_size
+    c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
+    prompt_ends = prompt_lens or batch.seq_lens
+    row_request, row_block = request_rows(batch, block_size)
+    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
+
+    masses, dense = [], []
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        rows = query_block_range(c, n, block_size)
+        tail_start = num_key_blocks(prompt_ends[r], block_size) - config.dense_tail_blocks
+        request_dense = budget.dense or c + n < config.min_sparse_tokens
+        dense.append(torch.tensor([request_dense or i >= tail_start for i in rows]))
+        if request_dense:
+            mass = query.new_zeros(query.shape[1] // c_h, len(rows), width, dtype=torch.float32)
+        else:
+            keys, _ = kv.keys_values(r, c + n)
+            mass = block_mass(
+                query[batch.query_slice(r)],
+                keys,
+                c,
+                block_size=block_size,
+                c_q=config.c_q,
+                c_k=config.c_k,
+                c_h=c_h,
+                scale=scale,
+            ).float()
+            mass = torch.nn.functional.pad(mass, (0, width - mass.shape[2]))
+        masses.append(mass)
+
+    counts, indices = select_blocks(
+        torch.cat(masses, dim=1),
+        row_block.to(query.device),
+        budget,
+        torch.cat(dense).to(query.device),
+    )
+    return BlockPlan(
+        block_size=block_size,
+        heads_per_selection=c_h,
+        counts=counts,
+        indices=indices,
+        row_request=row_request.to(query.device),
+        row_block=row_block.to(query.device),
+    )
