@@ -6,4 +6,10 @@ __all__ = ["__version__", "register"]
 
 
 def register() -> None:
-    """vLLM ``general_plugins`` entry point. The backend is not wired yet: nothing to add."""
+    """vLLM ``general_plugins`` entry point: adds the UNISPARSE attention backend.
+
+    Imported lazily so that ``import unisparse_vllm`` never needs vLLM.
+    """
+    from .backend.registration import register_backend
+
+    register_backend()

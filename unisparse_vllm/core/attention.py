@@ -21,10 +21,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> T
 
 
 def _prefill_attention(
-    query: Tensor, kv: KVSource, batch: PrefillBatch, scale: float, plan: BlockPlan | None
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    scale: float,
+    plan: BlockPlan | None,
+    out: Tensor | None,
 ) -> Tensor:
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    out = torch.empty_like(query)
+    out = torch.empty_like(query) if out is None else out
     num_heads = query.shape[1]
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
         keys, values = kv.keys_values(r, c + n)
@@ -52,17 +57,25 @@ def _prefill_attention(
     return out
 
 
-def dense_attention(query: Tensor, kv: KVSource, batch: PrefillBatch, scale: float) -> Tensor:
+def dense_attention(
+    query: Tensor, kv: KVSource, batch: PrefillBatch, scale: float, out: Tensor | None = None
+) -> Tensor:
     """Exact causal attention of each chunk over its request's context and itself.
 
-    ``query [T, Hq, d]`` packed per ``batch``; returns ``[T, Hq, d]`` in ``query``'s dtype.
+    ``query [T, Hq, d]`` packed per ``batch``; returns ``[T, Hq, d]`` in ``query``'s dtype,
+    written into ``out`` when given.
     """
-    return _prefill_attention(query, kv, batch, scale, plan=None)
+    return _prefill_attention(query, kv, batch, scale, None, out)
 
 
 def sparse_attention(
-    query: Tensor, kv: KVSource, batch: PrefillBatch, plan: BlockPlan, scale: float
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    plan: BlockPlan,
+    scale: float,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax attention restricted to the plan's key blocks (token-causal on the
-    diagonal block); dropped blocks get probability zero."""
-    return _prefill_attention(query, kv, batch, scale, plan=plan)
+    diagonal block); dropped blocks get probability zero. Written into ``out`` when given."""
+    return _prefill_attention(query, kv, batch, scale, plan, out)

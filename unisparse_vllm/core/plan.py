@@ -72,9 +72,10 @@ def plan_prefill(
 ) -> BlockPlan:
     """Estimate block mass and select blocks for a whole prefill batch.
 
-    Dense rows (ALGORITHM.md section 6): every row of a request shorter than
-    ``min_sparse_tokens`` or of a dense layer, and the last ``dense_tail_blocks`` query blocks
-    before ``prompt_lens[r]`` (default: the chunk's end, the prompt end if unknown).
+    Dense rows (ALGORITHM.md sections 5-6): every row of a decode (one query token), of a
+    request shorter than ``min_sparse_tokens`` or of a dense layer, and the last
+    ``dense_tail_blocks`` query blocks before ``prompt_lens[r]`` (default: the chunk's end,
+    the prompt end if unknown).
     """
     block_size = config.block_size
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
@@ -86,7 +87,8 @@ def plan_prefill(
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
         rows = query_block_range(c, n, block_size)
         tail_start = num_key_blocks(prompt_ends[r], block_size) - config.dense_tail_blocks
-        request_dense = budget.dense or c + n < config.min_sparse_tokens
+        # A single query token is a decode step: it stays dense (spec section 5).
+        request_dense = budget.dense or n == 1 or c + n < config.min_sparse_tokens
         dense.append(torch.tensor([request_dense or i >= tail_start for i in rows]))
         if request_dense:
             mass = query.new_zeros(query.shape[1] // c_h, len(rows), width, dtype=torch.float32)

@@ -1,0 +1,123 @@
+"""Backend pieces against hand-built batches: metadata slicing, cache writes, registration."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from unisparse_vllm.backend.common import count_leading_decodes, layer_index, prefill_work
+from unisparse_vllm.backend.compat import split_kv_cache
+
+
+def test_prefill_work_after_decodes() -> None:
+    # 2 decodes, then a chunk of 5 over 11 cached tokens, then a fresh prompt of 7.
+    query_start = torch.tensor([0, 1, 2, 7, 14])
+    seq_lens = torch.tensor([30, 9, 16, 7])
+    block_table = torch.arange(16).view(4, 4)
+    decodes = count_leading_decodes(query_start)
+    assert decodes == 2
+    work = prefill_work(query_start, seq_lens, block_table, decodes, min_sparse_tokens=10)
+    assert work is not None
+    assert (work.first_request, work.first_token) == (2, 2)
+    assert work.batch.query_lens == (5, 7) and work.batch.context_lens == (11, 0)
+    assert work.token_slice == slice(2, 14)
+    assert torch.equal(work.block_table, block_table[2:])
+    assert work.long_requests == 1  # only the 16-token request reaches min_sparse_tokens
+    assert prefill_work(query_start, seq_lens, block_table, 4, 10) is None
+
+
+def test_all_decodes_and_all_prefills() -> None:
+    assert count_leading_decodes(torch.tensor([0, 1, 2, 3])) == 3
+    assert count_leading_decodes(torch.tensor([0, 4, 5])) == 0
+
+
+def test_layer_index() -> None:
+    assert layer_index("model.layers.12.self_attn.attn") == 12
+    assert layer_index("language_model.model.layers.0.self_attn.attn") == 0
+    with pytest.raises(ValueError, match="no_index"):
+        layer_index("no_index.attn")
+
+
+def test_split_kv_cache_views_the_packed_layout() -> None:
+    kv_cache = torch.randn(3, 2, 16, 2 * 8)  # [pages, Hkv, page, 2*d]
+    keys, values = split_kv_cache(kv_cache, 8)
+    assert keys.shape == values.shape == (3, 16, 2, 8)
+    assert torch.equal(keys[1, 5, 1], kv_cache[1, 1, 5, :8])
+    assert torch.equal(values[2, 0, 0], kv_cache[2, 0, 0, 8:])
+    keys[0, 0, 0] = 7.0  # a view, not a copy
+    assert (kv_cache[0, 0, 0, :8] == 7.0).all()
+
+
+vllm = pytest.importorskip("vllm")
+
+
+def test_cache_update_writes_through_slot_mapping(monkeypatch) -> None:
+    from unisparse_vllm.backend import cpu
+
+    monkeypatch.setattr(cpu, "SparsePrefillLayer", lambda *args: None)
+    impl = cpu.UniSparseCPUImpl(4, 8, 0.3, 2, None, None, "auto")
+    kv_cache = torch.zeros(4, 2, 16, 16)
+    key, value = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slots = torch.tensor([17, -1, 63])  # page 1 slot 1; padding; page 3 slot 15
+    impl.do_kv_cache_update(None, key, value, kv_cache, slots)
+    keys, values = split_kv_cache(kv_cache, 8)
+    assert torch.equal(keys[1, 1], key[0]) and torch.equal(values[3, 15], value[2])
+    assert int((kv_cache != 0).sum()) == 2 * 2 * 2 * 8
+
+
+def test_cpu_impl_refuses_unsupported_layers(monkeypatch) -> None:
+    from unisparse_vllm.backend import cpu
+
+    with pytest.raises(NotImplementedError, match="sliding window 128"):
+        cpu.UniSparseCPUImpl(4, 8, 0.3, 2, None, 128, "auto")
+
+
+def test_registration_pickles_by_name_and_routes_only_unisparse() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import unisparse_vllm
+
+    unisparse_vllm.register()
+    unisparse_vllm.register()  # idempotent: vLLM loads plugins in every process
+    member = AttentionBackendEnum["UNISPARSE"]
+    assert pickle.loads(pickle.dumps(member)) is member
+    assert (
+        pickle.loads(pickle.dumps(AttentionBackendEnum.CPU_ATTN)) is AttentionBackendEnum.CPU_ATTN
+    )
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    selector = AttentionSelectorConfig(
+        head_size=64, dtype=torch.float32, kv_cache_dtype=None, block_size=16
+    )
+    routed = CpuPlatform.get_attn_backend_cls(member, selector)
+    assert routed == "unisparse_vllm.backend.cpu.UniSparseCPUBackend"
+    default = CpuPlatform.get_attn_backend_cls(None, selector)
+    assert default == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def test_a_fresh_process_unpickles_the_member_before_plugins_load() -> None:
+    """The spawn trap: engine processes unpickle VllmConfig before loading plugins."""
+    import subprocess
+    import sys
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import unisparse_vllm
+
+    unisparse_vllm.register()
+    payload = pickle.dumps({"backend": AttentionBackendEnum["UNISPARSE"]})
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read())['backend'].name)",
+        ],
+        input=payload,
+        capture_output=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    assert child.stdout.decode().split()[-1] == "UNISPARSE"

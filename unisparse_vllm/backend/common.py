@@ -1,0 +1,169 @@
+"""What the CPU and CUDA backends share: the prefill part of a batch, and one layer's
+sparse prefill (config resolved once, then plan + attend through ``kernels``)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from .. import kernels
+from ..config import LayerBudget, UniSparseConfig, config_from_vllm
+from ..core import PagedKV, PrefillBatch
+from .compat import split_kv_cache
+from .stats import STATS
+
+logger = logging.getLogger("unisparse_vllm")
+
+
+@dataclass(frozen=True)
+class PrefillWork:
+    """The requests of a step that the sparse path handles, decided once per step.
+
+    Requests ``first_request ..`` of the vLLM batch, whose tokens start at ``first_token``
+    (vLLM orders decodes first). ``block_table`` holds their rows of vLLM's block table.
+    """
+
+    first_request: int
+    first_token: int
+    batch: PrefillBatch
+    block_table: Tensor
+    long_requests: int  # requests of at least min_sparse_tokens (those that get estimated)
+
+    @property
+    def token_slice(self) -> slice:
+        return slice(self.first_token, self.first_token + self.batch.num_tokens)
+
+
+def count_leading_decodes(query_start_loc_cpu: Tensor) -> int:
+    """Requests with one query token at the front of the batch (vLLM reorders them there)."""
+    query_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    decodes = 0
+    while decodes < len(query_lens) and query_lens[decodes] <= 1:
+        decodes += 1
+    return decodes
+
+
+def prefill_work(
+    query_start_loc_cpu: Tensor,
+    seq_lens_cpu: Tensor,
+    block_table: Tensor,
+    first_request: int,
+    min_sparse_tokens: int,
+) -> PrefillWork | None:
+    """Requests ``first_request ..`` as a ``PrefillBatch``; None when there are none."""
+    starts = query_start_loc_cpu.tolist()
+    seq_lens = seq_lens_cpu.tolist()[first_request:]
+    num_requests = len(seq_lens)
+    query_lens = [
+        starts[first_request + r + 1] - starts[first_request + r] for r in range(num_requests)
+    ]
+    if not query_lens:
+        return None
+    context_lens = [s - n for s, n in zip(seq_lens, query_lens, strict=True)]
+    return PrefillWork(
+        first_request=first_request,
+        first_token=starts[first_request],
+        batch=PrefillBatch.from_lens(query_lens, context_lens),
+        block_table=block_table[first_request : first_request + num_requests],
+        long_requests=sum(s >= min_sparse_tokens for s in seq_lens),
+    )
+
+
+def layer_index(layer_name: str) -> int:
+    """``model.layers.12.self_attn.attn`` -> 12 (the first number in the dotted name)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", layer_name)
+    if match is None:
+        raise ValueError(f"cannot find a layer index in layer name {layer_name!r}")
+    return int(match.group(1))
+
+
+def engine_config() -> UniSparseConfig:
+    """The config of the engine being built (call from an impl's or builder's ``__init__``)."""
+    from vllm.config import get_current_vllm_config
+
+    vllm_config = get_current_vllm_config()
+    model_config = vllm_config.model_config
+    return config_from_vllm(
+        vllm_config.additional_config,  # type: ignore[arg-type]
+        getattr(model_config, "hf_config", None),
+        getattr(model_config, "model", None),
+    )
+
+
+class SparsePrefillLayer:
+    """One attention layer's UniSparse prefill. Built in the impl's ``__init__`` (a bad config
+    stops start-up there); the layer's budget is resolved on its first forward, when vLLM
+    tells the layer's name, and kept."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
+        self.config = engine_config()
+        self.config.heads_per_selection(num_heads, num_kv_heads)  # c_h must fit this model
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = scale
+        self._budgets: dict[str, LayerBudget] = {}
+
+    def budget(self, layer_name: str) -> LayerBudget:
+        budget = self._budgets.get(layer_name)
+        if budget is None:
+            budget = self.config.for_layer(layer_index(layer_name))
+            self._budgets[layer_name] = budget
+        return budget
+
+    def is_dense(self, layer_name: str, work: PrefillWork) -> bool:
+        """Nothing to estimate: a dense layer, or no request long enough."""
+        return work.long_requests == 0 or self.budget(layer_name).dense
+
+    def forward(
+        self, layer_name: str, query: Tensor, kv_cache: Tensor, work: PrefillWork, output: Tensor
+    ) -> None:
+        """Sparse prefill of ``work``'s tokens of ``query`` into the same rows of ``output``."""
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        kv = PagedKV(key_cache, value_cache, work.block_table)
+        rows = work.token_slice
+        q = query[rows].view(-1, self.num_heads, self.head_size)
+        out = output[rows].view(-1, self.num_heads, self.head_size)
+        budget = self.budget(layer_name)
+        plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
+        kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
+
+        long = [s >= self.config.min_sparse_tokens for s in work.batch.seq_lens]
+        sparse_tokens = sum(
+            n for n, is_long in zip(work.batch.query_lens, long, strict=True) if is_long
+        )
+        STATS.record(
+            layer_name,
+            sparse_tokens=sparse_tokens,
+            dense_tokens=work.batch.num_tokens - sparse_tokens,
+            selected=int(plan.counts.sum()),
+            causal=int((plan.row_block.long() + 1).sum()) * plan.counts.shape[0],
+        )
+
+
+def dense_fallback_reason(
+    *,
+    alibi_slopes: Any,
+    sliding_window: Any,
+    logits_soft_cap: Any,
+    sinks: Any,
+    attn_type: Any,
+    kv_cache_dtype: str,
+) -> str | None:
+    """Why a layer cannot take the sparse path (it then runs densely), or None."""
+    if attn_type != "decoder":  # vLLM's AttentionType is a str enum
+        return f"attention type {attn_type}"
+    if sliding_window is not None:
+        return f"sliding window {sliding_window}"
+    if alibi_slopes is not None:
+        return "ALiBi"
+    if logits_soft_cap:
+        return f"logits soft cap {logits_soft_cap}"
+    if sinks is not None:
+        return "attention sinks"
+    if kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        return f"kv cache dtype {kv_cache_dtype}"
+    return None

@@ -1,0 +1,58 @@
+"""Everything that differs between the vLLM versions we support, in one place.
+
+0.26.0 (CUDA build, the GPU machine) and 0.32.x (CPU build, CI). Differences handled:
+- adding a member to ``AttentionBackendEnum``: 0.32 has ``register``; 0.26 does not;
+- the KV cache spec: 0.26 asks backends for ``get_kv_cache_shape``; 0.32 hands each layer a
+  logical ``[num_blocks, Hkv, page, 2*d]`` view. Both give that same logical view to the impl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUPPORTED = ((0, 26), (0, 32))  # inclusive range of (major, minor)
+SUPPORTED_TEXT = "vLLM 0.26.x to 0.32.x"
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    parts = vllm.__version__.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def check_supported() -> None:
+    """Raise at start-up, naming the supported range, on any other vLLM version."""
+    import vllm
+
+    if not SUPPORTED[0] <= vllm_version() <= SUPPORTED[1]:
+        raise RuntimeError(
+            f"unisparse-vllm supports {SUPPORTED_TEXT}; this is vLLM {vllm.__version__}"
+        )
+
+
+def add_enum_member(enum_cls: Any, name: str, class_path: str) -> Any:
+    """Add ``name -> class_path`` to vLLM's ``AttentionBackendEnum`` (idempotent)."""
+    if name in enum_cls.__members__:
+        return enum_cls[name]
+    if hasattr(enum_cls, "register"):  # 0.32
+        return enum_cls.register(name, class_path)
+    # 0.26: the same steps 0.32's register() takes.
+    member = object.__new__(enum_cls)
+    member._name_ = name
+    member._value_ = class_path
+    setattr(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[class_path] = member
+    enum_cls._member_names_.append(name)
+    return member
+
+
+def split_kv_cache(kv_cache: Any, head_size: int) -> tuple[Any, Any]:
+    """The per-layer logical cache ``[num_pages, Hkv, page, 2*d]`` as key and value views
+    ``[num_pages, page, Hkv, d]`` (what ``core.PagedKV`` and the kernels read)."""
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache

@@ -1,0 +1,74 @@
+"""Per-layer counters of the sparse path, so operators (and tests) can see it ran.
+
+Counted per process (each engine worker): prefill tokens that went through block
+selection vs. densely, and the selected density. Logged at INFO at most every
+``LOG_INTERVAL_S``. With ``UNISPARSE_STATS_PATH`` set, each worker also writes its
+counters as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and debugging;
+it costs one small file write per layer and step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger("unisparse_vllm")
+LOG_INTERVAL_S = 30.0
+
+
+@dataclass
+class LayerCounters:
+    sparse_prefill_tokens: int = 0
+    dense_prefill_tokens: int = 0
+    selected_blocks: int = 0
+    causal_blocks: int = 0
+
+    @property
+    def mean_density(self) -> float:
+        return self.selected_blocks / self.causal_blocks if self.causal_blocks else 1.0
+
+
+class SparseStats:
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerCounters] = {}
+        self._last_log = time.monotonic()
+
+    def record(
+        self, layer: str, *, sparse_tokens: int, dense_tokens: int, selected: int, causal: int
+    ) -> None:
+        counters = self.layers.setdefault(layer, LayerCounters())
+        counters.sparse_prefill_tokens += sparse_tokens
+        counters.dense_prefill_tokens += dense_tokens
+        counters.selected_blocks += selected
+        counters.causal_blocks += causal
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S:
+            self._last_log = now
+            logger.info("UniSparse: %s", self.summary())
+        path = os.environ.get("UNISPARSE_STATS_PATH")
+        if path and sparse_tokens:
+            target = Path(f"{path}.{os.getpid()}.json")
+            target.write_text(json.dumps(self.snapshot()))
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {**asdict(c), "mean_density": c.mean_density} for name, c in self.layers.items()
+        }
+
+    def summary(self) -> str:
+        sparse = sum(c.sparse_prefill_tokens for c in self.layers.values())
+        dense = sum(c.dense_prefill_tokens for c in self.layers.values())
+        selected = sum(c.selected_blocks for c in self.layers.values())
+        causal = sum(c.causal_blocks for c in self.layers.values())
+        density = selected / causal if causal else 1.0
+        return (
+            f"{len(self.layers)} layers, prefill tokens sparse={sparse} dense={dense} "
+            f"(summed over layers), mean selected density {density:.3f}"
+        )
+
+
+STATS = SparseStats()

@@ -1,0 +1,60 @@
+"""Fast implementations of ``core``'s functions, with the same signatures, and the dispatch.
+
+``UNISPARSE_KERNELS`` (or ``use()``) picks: ``auto`` (default: Triton for CUDA tensors, the
+core reference elsewhere), ``triton`` (also on the CPU under ``TRITON_INTERPRET=1``, for
+tests) or ``reference``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from .. import core
+from ..config import LayerBudget, UniSparseConfig
+from ..core import BlockPlan, KVSource, PrefillBatch
+
+CHOICES = ("auto", "triton", "reference")
+_choice: str | None = None
+
+
+def use(choice: str | None) -> None:
+    """Force an implementation for this process (``None``: back to ``UNISPARSE_KERNELS``)."""
+    if choice is not None and choice not in CHOICES:
+        raise ValueError(f"kernel choice must be one of {CHOICES}, got {choice!r}")
+    global _choice
+    _choice = choice
+
+
+def _triton_for(tensor: Tensor) -> bool:
+    choice = _choice or os.environ.get("UNISPARSE_KERNELS", "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"UNISPARSE_KERNELS must be one of {CHOICES}, got {choice!r}")
+    if choice == "auto":
+        return tensor.is_cuda
+    return choice == "triton"
+
+
+def plan_prefill(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    config: UniSparseConfig,
+    budget: LayerBudget,
+    *,
+    scale: float,
+    prompt_lens: tuple[int, ...] | None = None,
+) -> BlockPlan:
+    return core.plan_prefill(query, kv, batch, config, budget, scale=scale, prompt_lens=prompt_lens)
+
+
+def sparse_attention(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    plan: BlockPlan,
+    scale: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    return core.sparse_attention(query, kv, batch, plan, scale, out=out)
