@@ -121,3 +121,40 @@ def test_a_fresh_process_unpickles_the_member_before_plugins_load() -> None:
     )
     assert child.returncode == 0, child.stderr.decode()[-2000:]
     assert child.stdout.decode().split()[-1] == "UNISPARSE"
+
+
+def test_slice_requests_rebases_tokens_and_keeps_request_rows() -> None:
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from unisparse_vllm.backend.common import slice_requests, sparse_unsupported
+
+    query_start = torch.tensor([0, 1, 2, 7, 14], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=query_start.clone(),
+        query_start_loc_cpu=query_start,
+        seq_lens=torch.tensor([30, 9, 16, 7]),
+        num_reqs=4,
+        num_actual_tokens=14,
+        max_query_len=7,
+        max_seq_len=30,
+        block_table_tensor=torch.arange(16).view(4, 4),
+        slot_mapping=torch.arange(100, 114),
+        positions=torch.arange(14),
+        seq_lens_cpu_upper_bound=torch.tensor([30, 9, 16, 7]),
+    )
+    assert sparse_unsupported(cm) is None
+    prefill = slice_requests(cm, 2, 4)
+    assert prefill.query_start_loc.tolist() == [0, 5, 12]
+    assert prefill.query_start_loc_cpu.tolist() == [0, 5, 12]
+    assert (prefill.num_reqs, prefill.num_actual_tokens, prefill.max_query_len) == (2, 12, 7)
+    assert prefill.seq_lens.tolist() == [16, 7] and prefill.max_seq_len == 16
+    assert torch.equal(prefill.block_table_tensor, cm.block_table_tensor[2:])
+    assert prefill.slot_mapping.tolist() == list(range(102, 114))
+    assert prefill.positions.tolist() == list(range(2, 14))
+    decode = slice_requests(cm, 0, 2)
+    assert decode.query_start_loc.tolist() == [0, 1, 2] and decode.slot_mapping.tolist() == [
+        100,
+        101,
+    ]
+    cm.causal = False
+    assert sparse_unsupported(cm) is not None

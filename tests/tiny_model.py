@@ -21,7 +21,9 @@ def corpus(lines: int = 400) -> list[str]:
     return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(lines)]
 
 
-def build_tiny_llama(path: Path, *, num_layers: int = 2, max_positions: int = 8192) -> Path:
+def build_tiny_llama(
+    path: Path, *, num_layers: int = 2, head_dim: int = 32, max_positions: int = 8192
+) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,12 +46,12 @@ def build_tiny_llama(path: Path, *, num_layers: int = 2, max_positions: int = 81
 
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=128,
+        hidden_size=4 * head_dim,
         intermediate_size=256,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=head_dim,
         max_position_embeddings=max_positions,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,

@@ -3,6 +3,7 @@ sparse prefill (config resolved once, then plan + attend through ``kernels``).""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -167,3 +168,62 @@ def dense_fallback_reason(
     if kv_cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
         return f"kv cache dtype {kv_cache_dtype}"
     return None
+
+
+# CommonAttentionMetadata fields, by what a request slice does to them. Fields not named
+# here are batch-wide and kept; features whose fields are reset make the batch dense
+# (see ``sparse_unsupported``).
+_PER_REQUEST = {
+    "seq_lens",
+    "block_table_tensor",
+    "is_prefilling",
+    "seq_lens_cpu_upper_bound",
+    "_seq_lens_cpu",
+    "_num_computed_tokens_cpu",
+    "req_idx",
+}
+_PER_TOKEN = {"slot_mapping", "positions"}
+_RESET = {
+    "logits_indices_padded",
+    "num_logits_indices",
+    "max_logits_per_req",
+    "_num_computed_tokens_cache",
+    "_token_to_req_indices_cache",
+}
+
+
+def sparse_unsupported(cm: Any) -> str | None:
+    """A batch feature the sparse path does not implement (the batch then runs densely)."""
+    if cm.causal is not True:
+        return "non-causal or per-request causal attention"
+    for name in ("mm_req_doc_ranges", "dcp_local_seq_lens", "encoder_seq_lens", "rswa_prefix_lens"):
+        if getattr(cm, name, None):
+            return name
+    return None
+
+
+def slice_requests(cm: Any, start: int, stop: int) -> Any:
+    """``CommonAttentionMetadata`` of requests ``start .. stop-1`` (token offsets rebased)."""
+    starts_cpu = cm.query_start_loc_cpu[start : stop + 1]
+    first, last = int(starts_cpu[0]), int(starts_cpu[-1])
+    changes: dict[str, Any] = {
+        "query_start_loc": cm.query_start_loc[start : stop + 1] - cm.query_start_loc[start],
+        "query_start_loc_cpu": starts_cpu - starts_cpu[0],
+        "num_reqs": stop - start,
+        "num_actual_tokens": last - first,
+        "max_query_len": int((starts_cpu[1:] - starts_cpu[:-1]).max()),
+    }
+    for field in dataclasses.fields(cm):
+        value = getattr(cm, field.name)
+        if value is None or field.name in changes:
+            continue
+        if field.name in _PER_REQUEST:
+            changes[field.name] = value[start:stop]
+        elif field.name in _PER_TOKEN:
+            changes[field.name] = value[first:last]
+        elif field.name in _RESET:
+            changes[field.name] = None
+    upper = changes.get("seq_lens_cpu_upper_bound")
+    if upper is not None:
+        changes["max_seq_len"] = int(upper.max())
+    return dataclasses.replace(cm, **changes)

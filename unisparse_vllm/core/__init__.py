@@ -16,10 +16,11 @@ from .metrics import (
     relative_error,
     spearman,
 )
-from .plan import BlockPlan, plan_prefill, request_rows
+from .plan import BatchMassEstimator, BlockPlan, batch_block_mass, plan_prefill, request_rows
 from .select import select_blocks
 
 __all__ = [
+    "BatchMassEstimator",
     "BlockPlan",
     "ContiguousKV",
     "ExactAttention",
@@ -28,6 +29,7 @@ __all__ = [
     "PagedKV",
     "PrefillBatch",
     "attended_pairs",
+    "batch_block_mass",
     "block_mass",
     "composite_keys",
     "composite_queries",

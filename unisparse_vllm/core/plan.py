@@ -4,7 +4,9 @@ flattened over the rows of a varlen batch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -60,6 +62,59 @@ def request_rows(batch: PrefillBatch, block_size: int) -> tuple[Tensor, Tensor]:
     return torch.tensor(requests, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int32)
 
 
+class BatchMassEstimator(Protocol):
+    """Estimated mass ``[H_sel, rows, max key blocks]`` of the requests marked ``estimated``
+    (zero rows for the others); ``batch_block_mass`` below is the reference."""
+
+    def __call__(
+        self,
+        query: Tensor,
+        kv: KVSource,
+        batch: PrefillBatch,
+        estimated: Sequence[bool],
+        *,
+        config: UniSparseConfig,
+        c_h: int,
+        scale: float,
+    ) -> Tensor: ...
+
+
+def batch_block_mass(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    estimated: Sequence[bool],
+    *,
+    config: UniSparseConfig,
+    c_h: int,
+    scale: float,
+) -> Tensor:
+    """``block_mass`` of each estimated request, padded to the batch's widest row."""
+    block_size = config.block_size
+    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
+    masses = []
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        num_rows = len(query_block_range(c, n, block_size))
+        if not estimated[r]:
+            masses.append(
+                query.new_zeros(query.shape[1] // c_h, num_rows, width, dtype=torch.float32)
+            )
+            continue
+        keys, _ = kv.keys_values(r, c + n)
+        mass = block_mass(
+            query[batch.query_slice(r)],
+            keys,
+            c,
+            block_size=block_size,
+            c_q=config.c_q,
+            c_k=config.c_k,
+            c_h=c_h,
+            scale=scale,
+        ).float()
+        masses.append(torch.nn.functional.pad(mass, (0, width - mass.shape[2])))
+    return torch.cat(masses, dim=1)
+
+
 def plan_prefill(
     query: Tensor,
     kv: KVSource,
@@ -69,6 +124,7 @@ def plan_prefill(
     *,
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
+    estimator: BatchMassEstimator = batch_block_mass,
 ) -> BlockPlan:
     """Estimate block mass and select blocks for a whole prefill batch.
 
@@ -81,37 +137,21 @@ def plan_prefill(
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
     prompt_ends = prompt_lens or batch.seq_lens
     row_request, row_block = request_rows(batch, block_size)
-    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
 
-    masses, dense = [], []
+    estimated, dense = [], []
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
-        rows = query_block_range(c, n, block_size)
         tail_start = num_key_blocks(prompt_ends[r], block_size) - config.dense_tail_blocks
         # A single query token is a decode step: it stays dense (spec section 5).
         request_dense = budget.dense or n == 1 or c + n < config.min_sparse_tokens
-        dense.append(torch.tensor([request_dense or i >= tail_start for i in rows]))
-        if request_dense:
-            mass = query.new_zeros(query.shape[1] // c_h, len(rows), width, dtype=torch.float32)
-        else:
-            keys, _ = kv.keys_values(r, c + n)
-            mass = block_mass(
-                query[batch.query_slice(r)],
-                keys,
-                c,
-                block_size=block_size,
-                c_q=config.c_q,
-                c_k=config.c_k,
-                c_h=c_h,
-                scale=scale,
-            ).float()
-            mass = torch.nn.functional.pad(mass, (0, width - mass.shape[2]))
-        masses.append(mass)
-
+        estimated.append(not request_dense)
+        dense += [request_dense or i >= tail_start for i in query_block_range(c, n, block_size)]
+    if any(estimated):
+        mass = estimator(query, kv, batch, estimated, config=config, c_h=c_h, scale=scale)
+    else:
+        width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
+        mass = query.new_zeros(query.shape[1] // c_h, len(dense), width, dtype=torch.float32)
     counts, indices = select_blocks(
-        torch.cat(masses, dim=1),
-        row_block.to(query.device),
-        budget,
-        torch.cat(dense).to(query.device),
+        mass, row_block.to(query.device), budget, torch.tensor(dense, device=query.device)
     )
     return BlockPlan(
         block_size=block_size,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import core
 from ..config import LayerBudget, UniSparseConfig
-from ..core import BlockPlan, KVSource, PrefillBatch
+from ..core import BlockPlan, KVSource, PagedKV, PrefillBatch
 
 CHOICES = ("auto", "triton", "reference")
 _choice: str | None = None
@@ -57,4 +57,9 @@ def sparse_attention(
     scale: float,
     out: Tensor | None = None,
 ) -> Tensor:
+    """``core.sparse_attention``; the Triton kernel reads paged caches only."""
+    if _triton_for(query) and isinstance(kv, PagedKV):
+        from .attention import sparse_attention as triton_sparse_attention
+
+        return triton_sparse_attention(query, kv, batch, plan, scale, out=out)
     return core.sparse_attention(query, kv, batch, plan, scale, out=out)

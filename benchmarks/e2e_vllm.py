@@ -1,0 +1,226 @@
+"""UNISPARSE inside vLLM on a GPU (the shared vLLM 0.26 bundle): correctness against
+FLASH_ATTN on a tiny model, the OpenAI server, and time to first token on Llama-3.1-8B
+shapes with random weights (``load_format="dummy"``). Every engine runs in its own process.
+
+    python benchmarks/e2e_vllm.py --out e2e.json [--lengths 32768 65536 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "hidden_act": "silu",
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+SPARSE_SMALL = {"min_sparse_tokens": 0, "block_size": 64, "tau": 1.0, "dense_layers": []}
+
+
+def worker(spec: dict) -> dict:
+    """One engine, one job; runs in a child process."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=spec["model"],
+        attention_backend=spec["backend"],
+        enforce_eager=True,
+        additional_config={"unisparse": spec.get("unisparse", {})},
+        seed=0,
+        gpu_memory_utilization=0.85,
+    )
+    if spec["job"] == "tokens":
+        llm = LLM(
+            **kwargs, max_model_len=4096, max_num_batched_tokens=256, enable_prefix_caching=True
+        )
+        prompts = ["the quick brown fox " * k for k in (2, 30, 120)]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+        result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    else:  # ttft
+        llm = LLM(
+            **kwargs,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            max_model_len=max(spec["lengths"]) + 16,
+            max_num_batched_tokens=16384,
+            enable_prefix_caching=False,
+        )
+        params = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
+        llm.generate([{"prompt_token_ids": [1] * 1024}], params, use_tqdm=False)  # warm up
+        result = {"ttft_s": {}}
+        for n in spec["lengths"]:
+            times = []
+            for rep in range(2):
+                ids = [(i * 7919 + rep) % 120000 + 1000 for i in range(n)]
+                start = time.perf_counter()
+                llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+                times.append(time.perf_counter() - start)
+            result["ttft_s"][n] = min(times)
+    if spec["backend"] == "UNISPARSE":
+        from unisparse_vllm.backend.stats import STATS
+
+        result["stats"] = STATS.summary()
+        snapshot = STATS.snapshot()
+        result["sparse_tokens_per_layer"] = {
+            k: v["sparse_prefill_tokens"] for k, v in snapshot.items()
+        }
+    return result
+
+
+def run(spec: dict) -> dict:
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+        return {"error": f"exit {proc.returncode}"}
+    return json.loads(line[-1][7:])
+
+
+def serve_check(model: str) -> dict:
+    port = 8123
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--served-model-name",
+            "tiny",
+            "--port",
+            str(port),
+            "--attention-backend",
+            "unisparse",
+            "--enforce-eager",
+            "--max-model-len",
+            "4096",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--additional-config",
+            json.dumps({"unisparse": SPARSE_SMALL | {"tau": 0.5}}),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    return {"error": server.stdout.read()[-3000:]}
+                time.sleep(1)
+        out = {}
+        for path, body in (
+            (
+                "completions",
+                {"model": "tiny", "prompt": "the quick brown fox " * 40, "max_tokens": 8},
+            ),
+            (
+                "chat/completions",
+                {
+                    "model": "tiny",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "lazy dog " * 50}],
+                },
+            ),
+        ):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/{path}",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )
+            reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+            out[path] = reply["usage"]
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    from tiny_model import build_tiny_llama
+
+    report: dict = {}
+    tiny = str(build_tiny_llama(Path("/tmp/unisparse-tiny"), head_dim=64))
+    llama = Path("/tmp/llama-3.1-8b-config")
+    llama.mkdir(exist_ok=True)
+    (llama / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    if "tokens" not in args.skip:
+        base = {"job": "tokens", "model": tiny}
+        report["tokens"] = {
+            "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
+            "UNISPARSE (sparsity off: below min_sparse_tokens)": run(
+                base | {"backend": "UNISPARSE"}
+            ),
+            "UNISPARSE (tau=1 through the sparse path)": run(
+                base | {"backend": "UNISPARSE", "unisparse": SPARSE_SMALL}
+            ),
+        }
+    if "serve" not in args.skip:
+        report["serve"] = serve_check(tiny)
+    if "ttft" not in args.skip:
+        base = {"job": "ttft", "model": str(llama), "lengths": args.lengths}
+        report["ttft"] = {
+            "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
+            "UNISPARSE topk density 0.1": run(
+                base | {"backend": "UNISPARSE", "unisparse": {"mode": "topk", "density": 0.1}}
+            ),
+            "UNISPARSE top_p tau 0.9 (default)": run(base | {"backend": "UNISPARSE"}),
+        }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
