@@ -72,7 +72,7 @@ def worker(spec: dict) -> dict:
             **kwargs,
             load_format="dummy",
             skip_tokenizer_init=True,
-            max_model_len=max(spec["lengths"]) + 16,
+            max_model_len=max(spec["lengths"]),
             max_num_batched_tokens=16384,
             enable_prefix_caching=False,
         )
@@ -82,7 +82,8 @@ def worker(spec: dict) -> dict:
         for n in spec["lengths"]:
             times = []
             for rep in range(2):
-                ids = [(i * 7919 + rep) % 120000 + 1000 for i in range(n)]
+                # n - 1 prompt tokens: the generated one must fit in max_model_len
+                ids = [(i * 7919 + rep) % 120000 + 1000 for i in range(n - 1)]
                 start = time.perf_counter()
                 llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
                 times.append(time.perf_counter() - start)

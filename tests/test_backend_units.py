@@ -158,3 +158,38 @@ def test_slice_requests_rebases_tokens_and_keeps_request_rows() -> None:
     ]
     cm.causal = False
     assert sparse_unsupported(cm) is not None
+
+
+def _sparse_layer(monkeypatch, **inline):
+    from unisparse_vllm.backend import common
+    from unisparse_vllm.config import resolve_config
+
+    config = resolve_config(
+        {"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, **inline}
+    )
+    monkeypatch.setattr(common, "engine_config", lambda: config)
+    return common.SparsePrefillLayer(4, 2, 16, 0.25)
+
+
+@pytest.mark.parametrize("threshold,expect_dense", [(None, False), (0.99, False), (0.05, True)])
+def test_dense_above_density_falls_back(monkeypatch, threshold, expect_dense) -> None:
+    from unisparse_vllm.backend.common import prefill_work
+    from unisparse_vllm.backend.stats import STATS
+
+    layer = _sparse_layer(monkeypatch, tau=0.5, dense_above_density=threshold)
+    kv_cache = torch.randn(20, 2, 16, 32)  # 20 pages of 16 tokens, head_dim 16
+    query = torch.randn(300, 4 * 16)
+    output = torch.full_like(query, float("nan"))
+    work = prefill_work(
+        torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
+    )
+    calls = []
+    name = f"model.layers.1.attn.threshold{threshold}"
+    layer.forward(name, query, kv_cache, work, output, run_dense=lambda: calls.append(1))
+    assert bool(calls) == expect_dense
+    counters = STATS.layers[name]
+    if expect_dense:
+        assert output.isnan().all() and counters.sparse_prefill_tokens == 0
+    else:
+        assert not output.isnan().any() and counters.sparse_prefill_tokens == 300
+        assert counters.mean_density < 1.0

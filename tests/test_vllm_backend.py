@@ -29,6 +29,7 @@ SPARSE_ON = {
     "tau": 0.3,
     "dense_layers": [],
     "dense_tail_blocks": 0,
+    "dense_above_density": None,  # the random tiny model selects densely: keep the sparse path
 }
 
 

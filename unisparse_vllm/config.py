@@ -124,6 +124,13 @@ class UniSparseConfig(LayerBudget):
     dense_tail_blocks: int = Field(
         1, ge=0, description="Last query blocks of a prompt that get full attention."
     )
+    dense_above_density: float | None = Field(
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="A step whose selected density exceeds this runs dense (a dense kernel "
+        "is faster there); null: never.",
+    )
     layer_overrides: list[LayerOverride] = Field(
         default_factory=list, description="Budget changes for some layers, later entries win."
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,9 +121,16 @@ class SparsePrefillLayer:
         return work.long_requests == 0 or self.budget(layer_name).dense
 
     def forward(
-        self, layer_name: str, query: Tensor, kv_cache: Tensor, work: PrefillWork, output: Tensor
+        self,
+        layer_name: str,
+        query: Tensor,
+        kv_cache: Tensor,
+        work: PrefillWork,
+        output: Tensor,
+        run_dense: Callable[[], None],
     ) -> None:
-        """Sparse prefill of ``work``'s tokens of ``query`` into the same rows of ``output``."""
+        """Sparse prefill of ``work``'s tokens of ``query`` into the same rows of ``output``,
+        or ``run_dense()`` when the plan selects more than ``dense_above_density``."""
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         kv = PagedKV(key_cache, value_cache, work.block_table)
         rows = work.token_slice
@@ -130,8 +138,21 @@ class SparsePrefillLayer:
         out = output[rows].view(-1, self.num_heads, self.head_size)
         budget = self.budget(layer_name)
         plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
+        # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
+        selected = int(plan.counts.sum())
+        causal = int((plan.row_block.long() + 1).sum()) * plan.counts.shape[0]
+        threshold = self.config.dense_above_density
+        if threshold is not None and selected > threshold * causal:
+            run_dense()
+            STATS.record(
+                layer_name,
+                sparse_tokens=0,
+                dense_tokens=work.batch.num_tokens,
+                selected=causal,
+                causal=causal,
+            )
+            return
         kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
-
         long = [s >= self.config.min_sparse_tokens for s in work.batch.seq_lens]
         sparse_tokens = sum(
             n for n, is_long in zip(work.batch.query_lens, long, strict=True) if is_long
@@ -140,8 +161,8 @@ class SparsePrefillLayer:
             layer_name,
             sparse_tokens=sparse_tokens,
             dense_tokens=work.batch.num_tokens - sparse_tokens,
-            selected=int(plan.counts.sum()),
-            causal=int((plan.row_block.long() + 1).sum()) * plan.counts.shape[0],
+            selected=selected,
+            causal=causal,
         )
 
 

@@ -156,7 +156,8 @@ class UniSparseCPUImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         work = attn_metadata.work
-        if self.sparse.is_dense(layer.layer_name, work):
+
+        def run_dense() -> None:
             key_cache, value_cache = compat.split_kv_cache(kv_cache, self.head_size)
             rows = work.token_slice
             core.dense_attention(
@@ -166,6 +167,9 @@ class UniSparseCPUImpl(AttentionImpl):
                 self.scale,
                 out=output[rows].view(-1, self.num_heads, self.head_size),
             )
+
+        if self.sparse.is_dense(layer.layer_name, work):
+            run_dense()
         else:
-            self.sparse.forward(layer.layer_name, query, kv_cache, work, output)
+            self.sparse.forward(layer.layer_name, query, kv_cache, work, output, run_dense)
         return output

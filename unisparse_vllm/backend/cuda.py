@@ -192,5 +192,12 @@ class UniSparseFlashImpl(FlashAttentionImpl):
         if self.sparse is None or self.sparse.is_dense(layer.layer_name, work):
             dense(work.token_slice, attn_metadata.prefill)
         else:
-            self.sparse.forward(layer.layer_name, query, kv_cache, work, output)
+            self.sparse.forward(
+                layer.layer_name,
+                query,
+                kv_cache,
+                work,
+                output,
+                run_dense=lambda: dense(work.token_slice, attn_metadata.prefill),
+            )
         return output

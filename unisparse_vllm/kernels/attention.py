@@ -44,6 +44,7 @@ def _attend_block(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DIAGONAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Fold keys ``key_start .. key_start + BLOCK_N`` into the running softmax state."""
     key_pos = key_start + offs_n
@@ -56,7 +57,7 @@ def _attend_block(
         mask=in_seq[:, None] & d_ok,
         other=0.0,
     )
-    scores = tl.dot(q, tl.trans(k)) * qk_scale
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if DIAGONAL:
         visible = (key_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -71,7 +72,7 @@ def _attend_block(
         mask=in_seq[:, None] & d_ok,
         other=0.0,
     )
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -111,6 +112,7 @@ def _sparse_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     row = num_rows - 1 - tl.program_id(1)  # longest rows first
@@ -170,6 +172,7 @@ def _sparse_attention_kernel(
                 HEAD_DIM,
                 BLOCK_N,
                 False,
+                DOT_PRECISION,
             )
     # Stage 2: the diagonal block (always selected, always last), causal mask per token.
     for sub in range(0, BLOCK_SIZE, BLOCK_N):
@@ -195,6 +198,7 @@ def _sparse_attention_kernel(
             HEAD_DIM,
             BLOCK_N,
             True,
+            DOT_PRECISION,
         )
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -203,6 +207,11 @@ def _sparse_attention_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs (tests, references) get exact fp32 dots; Triton would use tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def sparse_attention(
@@ -260,6 +269,7 @@ def sparse_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=8 if plan.block_size == 128 else 4,
         num_stages=2,
     )

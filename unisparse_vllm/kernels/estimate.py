@@ -21,10 +21,11 @@ from torch import Tensor
 from ..config import UniSparseConfig
 from ..core import KVSource, PrefillBatch, num_key_blocks, query_block_range
 from ..core.estimate import composite_keys, composite_queries
+from .attention import dot_precision
 
 # Composite queries / keys per program tile (a tl.dot needs 16 or more on each side).
 TILE = 64
-_NOT_VISIBLE = 2**30  # first-token position of an empty composite-key slot
+_NOT_VISIBLE = tl.constexpr(2**30)  # first-token position of an empty composite-key slot
 
 
 @triton.jit
@@ -53,6 +54,7 @@ def _block_mass_kernel(
     Q_PER_BLOCK: tl.constexpr,
     K_PER_BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     KEY_BLOCKS: tl.constexpr,
 ):
     sel = tl.program_id(0)
@@ -104,7 +106,8 @@ def _block_mass_kernel(
             )
             k_first = tl.load(kf_base + k_slot, mask=n_ok, other=_NOT_VISIBLE)
             visible = k_first[None, :] <= q_last[:, None]
-            scores = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            scores = tl.where(visible, scores, float("-inf"))
             if pass_ == 0:
                 m_new = tl.maximum(m_i, tl.max(scores, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,7 +168,9 @@ def batch_block_mass(
     q_slots = query.new_zeros(num_sel, num_rows * q_per_block, dim)
     q_last = torch.full((num_rows * q_per_block,), -1, dtype=torch.int32, device=device)
     k_slots = query.new_zeros(num_kv, total_kb * k_per_block, dim)
-    k_first = torch.full((total_kb * k_per_block,), _NOT_VISIBLE, dtype=torch.int32, device=device)
+    k_first = torch.full(
+        (total_kb * k_per_block,), _NOT_VISIBLE.value, dtype=torch.int32, device=device
+    )
     row_block = torch.zeros(num_rows, dtype=torch.int32, device=device)
     row_kb_offset = torch.zeros(num_rows, dtype=torch.int32, device=device)
     tiles: list[tuple[int, int]] = []
@@ -223,6 +228,7 @@ def batch_block_mass(
         BLOCK_D=triton.next_power_of_2(dim),
         Q_PER_BLOCK=q_per_block,
         K_PER_BLOCK=k_per_block,
+        DOT_PRECISION=dot_precision(dot_dtype),
         ROWS=rows_per_tile,
         KEY_BLOCKS=TILE // k_per_block,
         num_warps=4,
