@@ -58,3 +58,10 @@ def test_demo_prints_its_table() -> None:
     assert float(dense[1]) == 1.0 and float(dense[4]) < 1e-3  # tau = 1 is dense
     assert float(rows[0.8][1]) < float(rows[0.95][1]) < 1.0  # density grows with tau
     assert float(rows[0.8][6].rstrip("x")) > 1.0
+
+
+def test_shipped_example_profile_is_valid() -> None:
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "deploy" / "profile-example.yaml"
+    assert main(["config", "validate", str(example)]) == 0

@@ -58,9 +58,14 @@ def select_blocks(
     if dense_rows is not None:
         wanted_free = torch.where(dense_rows[None].to(device), num_free[None], wanted_free)
 
-    rank = torch.empty_like(order).scatter_(2, order, j.expand(heads, rows, width).contiguous())
-    chosen = forced[None] | (free[None] & (rank < wanted_free[..., None]))
+    # Take the first wanted_free of the ranked free blocks, back in block order.
+    taken = j.expand(heads, rows, width) < wanted_free[..., None]
+    chosen = torch.zeros_like(taken).scatter_(2, order, taken) & free[None]
+    chosen |= forced[None]
     counts = chosen.sum(dim=2)
-    indices = torch.where(chosen, j, width).sort(dim=2).values
-    indices = torch.where(indices == width, -1, indices)
-    return counts.to(torch.int32), indices.to(torch.int32)
+    # Compact the chosen block indices to the front, ascending: chosen block j goes to slot
+    # (chosen blocks before it); the others go to a spill slot that is cut off.
+    slot = torch.where(chosen, chosen.cumsum(dim=2) - 1, width)
+    indices = torch.full((heads, rows, width + 1), -1, dtype=torch.int32, device=device)
+    indices.scatter_(2, slot, j.to(torch.int32).expand(heads, rows, width).contiguous())
+    return counts.to(torch.int32), indices[..., :width].contiguous()

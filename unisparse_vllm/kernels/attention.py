@@ -13,6 +13,8 @@ more causal blocks) to balance the tail.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -214,6 +216,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile and pipeline choices of the kernel (``benchmarks/tune_attention.py`` sweeps them)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_launch(block_size: int, head_dim: int) -> LaunchConfig:
+    """Measured on an H200 for head_dim 128, block 128 (benchmarks/RESULTS.md: 128-key
+    tiles with 4 stages ran 1.5x faster than 64-key tiles with 2); the others are not tuned."""
+    if head_dim > 128:
+        return LaunchConfig(block_n=32, num_warps=8, num_stages=2)
+    if block_size == 64:
+        return LaunchConfig(block_n=64, num_warps=4, num_stages=3)
+    return LaunchConfig(block_n=128, num_warps=8, num_stages=4)
+
+
 def sparse_attention(
     query: Tensor,
     kv: PagedKV,
@@ -221,6 +242,8 @@ def sparse_attention(
     plan: BlockPlan,
     scale: float,
     out: Tensor | None = None,
+    *,
+    launch: LaunchConfig | None = None,
 ) -> Tensor:
     """Same contract as ``core.sparse_attention`` for a paged cache; writes ``out`` in place."""
     out = torch.empty_like(query) if out is None else out
@@ -232,7 +255,7 @@ def sparse_attention(
     key_cache, value_cache = kv.key_cache, kv.value_cache
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("head_dim must be the contiguous axis of query and the KV cache")
-    block_n = 64 if head_dim <= 128 else 32
+    launch = launch or default_launch(plan.block_size, head_dim)
     grid = (num_heads, plan.num_rows)
     _sparse_attention_kernel[grid](
         query,
@@ -268,9 +291,9 @@ def sparse_attention(
         BLOCK_SIZE=plan.block_size,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_N=block_n,
+        BLOCK_N=launch.block_n,
         DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=8 if plan.block_size == 128 else 4,
-        num_stages=2,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return out
