@@ -55,7 +55,7 @@ def worker(spec: dict) -> dict:
     kwargs = dict(
         model=spec["model"],
         attention_backend=spec["backend"],
-        enforce_eager=True,
+        enforce_eager=not spec.get("cuda_graphs", False),
         additional_config={"unisparse": spec.get("unisparse", {})},
         seed=0,
         gpu_memory_utilization=0.85,
@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="the tokens job with CUDA graphs (not eager)"
+    )
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -197,7 +200,7 @@ def main() -> None:
     llama.mkdir(exist_ok=True)
     (llama / "config.json").write_text(json.dumps(LLAMA_31_8B))
     if "tokens" not in args.skip:
-        base = {"job": "tokens", "model": tiny}
+        base = {"job": "tokens", "model": tiny, "cuda_graphs": args.cuda_graphs}
         report["tokens"] = {
             "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
             "UNISPARSE (sparsity off: below min_sparse_tokens)": run(
