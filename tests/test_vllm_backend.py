@@ -44,13 +44,15 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **extra}
 
 
-def offline(model: Path, backend: str, unisparse: dict | None = None, *flags: str) -> dict:
+def offline(
+    model: Path, backend: str, unisparse: dict | None = None, *flags: str, **env: str
+) -> dict:
     config = json.dumps({"unisparse": unisparse} if unisparse is not None else {})
     result = subprocess.run(
         [sys.executable, str(HERE / "vllm_offline.py"), str(model), backend, config, *flags],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=_env(**env),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -96,6 +98,29 @@ def test_multiprocess_engine_survives_the_enum_pickling(
 ) -> None:
     result = offline(tiny_model, "unisparse", None, "--multiprocess")
     assert result["tokens"] == dense_reference["tokens"]
+
+
+def test_tensor_parallel_2_runs_sparse_on_both_ranks(tiny_model: Path, tmp_path: Path) -> None:
+    # vLLM's CPU workers bind threads per rank: one core each on a 2-core machine.
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    dense = offline(tiny_model, "CPU_ATTN", None, "--multiprocess", "--tp", "2", **bind)
+    tau_one = {**SPARSE_ON, "tau": 1.0}
+    stats = str(tmp_path / "stats")
+    sparse = offline(
+        tiny_model,
+        "unisparse",
+        tau_one,
+        "--multiprocess",
+        "--tp",
+        "2",
+        UNISPARSE_STATS_PATH=stats,
+        **bind,
+    )
+    assert sparse["tokens"] == dense["tokens"]
+    ranks = [json.loads(p.read_text()) for p in tmp_path.glob("stats.*.json")]
+    assert len(ranks) == 2, "one counter file per tensor-parallel rank"
+    for counters in ranks:
+        assert sum(layer["sparse_prefill_tokens"] for layer in counters.values()) > 0
 
 
 def _free_port() -> int:
