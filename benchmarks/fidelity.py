@@ -1,0 +1,163 @@
+"""Fidelity of the UniSparse estimator on real activations (ALGORITHM.md section 9).
+
+Runs a Hugging Face model once over a long prompt (Paul Graham essays), captures every
+layer's post-RoPE queries and keys and its values, then for a grid of block size, composite
+size and ``tau`` measures per layer: selected density, attention-mass recall (mean and worst
+query), relative output error against exact attention, and the Spearman rank correlation of
+estimated against exact block mass. CPU is enough for the small models of EVAL-DATA.md.
+
+    python benchmarks/fidelity.py --model /models/smollm2 --essays DIR --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from unisparse_vllm.config import resolve_config
+from unisparse_vllm.core import (
+    ContiguousKV,
+    PrefillBatch,
+    block_mass,
+    exact_attention,
+    fidelity,
+    plan_prefill,
+    sparse_attention,
+)
+
+
+def long_prompt_ids(tokenizer, essays: Path, tokens: int) -> torch.Tensor:
+    text = "\n\n".join(p.read_text(errors="ignore") for p in sorted(essays.glob("*.txt")))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        raise SystemExit(f"the essays give only {ids.shape[1]} tokens, asked for {tokens}")
+    return ids
+
+
+def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer ``(query [n, Hq, d], keys [n, Hkv, d], values [n, Hkv, d])`` after RoPE."""
+    module = importlib.import_module(type(model).__module__)
+    original = module.apply_rotary_pos_emb
+    rotated: list[tuple[torch.Tensor, torch.Tensor]] = []
+    values: list[torch.Tensor] = []
+
+    def recording_rope(q, k, *args, **kwargs):
+        q_embed, k_embed = original(q, k, *args, **kwargs)
+        rotated.append((q_embed[0].transpose(0, 1).float(), k_embed[0].transpose(0, 1).float()))
+        return q_embed, k_embed
+
+    head_dim = (
+        model.config.head_dim
+        if getattr(model.config, "head_dim", None)
+        else (model.config.hidden_size // model.config.num_attention_heads)
+    )
+    hooks = [
+        layer.self_attn.v_proj.register_forward_hook(
+            lambda _m, _i, out: values.append(out[0].float().view(out.shape[1], -1, head_dim))
+        )
+        for layer in model.model.layers
+    ]
+    module.apply_rotary_pos_emb = recording_rope
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        module.apply_rotary_pos_emb = original
+        for hook in hooks:
+            hook.remove()
+    return [(q, k, v) for (q, k), v in zip(rotated, values, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--essays", type=Path, required=True, help="folder of .txt essays")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--layers", type=int, nargs="*", help="layer indices (default: all)")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[128])
+    parser.add_argument("--composite", type=int, nargs="+", default=[8, 16, 32], help="c_q = c_k")
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    captured = capture_qkv(model, long_prompt_ids(tokenizer, args.essays, args.tokens))
+    layers = args.layers if args.layers else list(range(len(captured)))
+    batch = PrefillBatch.from_lens([args.tokens])
+
+    rows = []
+    for layer in layers:
+        query, keys, values = captured[layer]
+        scale = 1 / math.sqrt(query.shape[-1])
+        kv = ContiguousKV(keys, values, (0,))
+        for block in args.block_sizes:
+            exact = exact_attention(query, kv, batch, block, scale)
+            for c, tau in itertools.product(args.composite, args.taus):
+                config = resolve_config(
+                    {
+                        "block_size": block,
+                        "c_q": c,
+                        "c_k": c,
+                        "tau": tau,
+                        "min_sparse_tokens": 0,
+                        "dense_tail_blocks": 0,
+                    }
+                )
+                c_h = config.heads_per_selection(query.shape[1], keys.shape[1])
+                estimate = block_mass(
+                    query, keys, 0, block_size=block, c_q=c, c_k=c, c_h=c_h, scale=scale
+                )
+                plan = plan_prefill(query, kv, batch, config, config.for_layer(layer), scale=scale)
+                out = sparse_attention(query, kv, batch, plan, scale)
+                fid = fidelity(plan, batch, exact, out, [estimate])
+                row = {"layer": layer, "block": block, "c": c, "tau": tau, **fid.__dict__}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    print(f"\n{args.model}: {args.tokens} tokens, median over layers {layers[0]}..{layers[-1]}")
+    print(
+        f"{'block':>5} {'c':>3} {'tau':>5} {'density':>8} {'recall':>7} {'recall_min':>10} "
+        f"{'rel_err':>8} {'rank_corr':>9}"
+    )
+    summary = []
+    for block, c, tau in itertools.product(args.block_sizes, args.composite, args.taus):
+        sel = [r for r in rows if (r["block"], r["c"], r["tau"]) == (block, c, tau)]
+        med = {
+            k: statistics.median(r[k] for r in sel)
+            for k in (
+                "density",
+                "mass_recall_mean",
+                "mass_recall_min",
+                "relative_error",
+                "rank_correlation_median",
+            )
+        }
+        summary.append({"block": block, "c": c, "tau": tau, **med})
+        print(
+            f"{block:>5} {c:>3} {tau:>5.2f} {med['density']:>8.3f} {med['mass_recall_mean']:>7.4f} "
+            f"{med['mass_recall_min']:>10.4f} {med['relative_error']:>8.4f} "
+            f"{med['rank_correlation_median']:>9.3f}"
+        )
+    if args.out:
+        args.out.write_text(
+            json.dumps(
+                {"model": args.model, "tokens": args.tokens, "rows": rows, "summary": summary},
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
