@@ -12,7 +12,6 @@ estimated against exact block mass. CPU is enough for the small models of EVAL-D
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import math
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from unisparse_vllm.calibrate import capture_qkv
 from unisparse_vllm.config import resolve_config
 from unisparse_vllm.core import (
     ContiguousKV,
@@ -39,40 +39,6 @@ def long_prompt_ids(tokenizer, essays: Path, tokens: int) -> torch.Tensor:
     if ids.shape[1] < tokens:
         raise SystemExit(f"the essays give only {ids.shape[1]} tokens, asked for {tokens}")
     return ids
-
-
-def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per layer ``(query [n, Hq, d], keys [n, Hkv, d], values [n, Hkv, d])`` after RoPE."""
-    module = importlib.import_module(type(model).__module__)
-    original = module.apply_rotary_pos_emb
-    rotated: list[tuple[torch.Tensor, torch.Tensor]] = []
-    values: list[torch.Tensor] = []
-
-    def recording_rope(q, k, *args, **kwargs):
-        q_embed, k_embed = original(q, k, *args, **kwargs)
-        rotated.append((q_embed[0].transpose(0, 1).float(), k_embed[0].transpose(0, 1).float()))
-        return q_embed, k_embed
-
-    head_dim = (
-        model.config.head_dim
-        if getattr(model.config, "head_dim", None)
-        else (model.config.hidden_size // model.config.num_attention_heads)
-    )
-    hooks = [
-        layer.self_attn.v_proj.register_forward_hook(
-            lambda _m, _i, out: values.append(out[0].float().view(out.shape[1], -1, head_dim))
-        )
-        for layer in model.model.layers
-    ]
-    module.apply_rotary_pos_emb = recording_rope
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        module.apply_rotary_pos_emb = original
-        for hook in hooks:
-            hook.remove()
-    return [(q, k, v) for (q, k), v in zip(rotated, values, strict=True)]
 
 
 def main() -> None:

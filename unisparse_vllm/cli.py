@@ -35,6 +35,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .calibrate import calibrate, write_profile
+
+    texts = [Path(f).read_text(errors="ignore") for f in args.text]
+    config = resolve_config(
+        {"block_size": args.block_size, "c_q": args.c, "c_k": args.c},
+        model_type=_model_type(args.model),
+        model_name=args.model,
+    )
+    settings, choices, used = calibrate(
+        args.model,
+        texts,
+        target_recall=args.target_recall,
+        tokens=args.tokens,
+        config=config,
+        taus=tuple(args.taus),
+    )
+    header = (
+        f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), "
+        f"target mean attention-mass recall {args.target_recall}"
+    )
+    write_profile(settings, Path(args.out), choices, header)
+    resolve_config(file=args.out)  # what we wrote must load
+    dense = sum(c.tau is None for c in choices)
+    print(f"{args.out}: {len(choices)} layers, {dense} dense")
+    return 0
+
+
+def _model_type(model: str) -> str | None:
+    import json
+    from pathlib import Path
+
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unisparse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--block-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    calibrate = commands.add_parser(
+        "calibrate", help="per-layer tau / dense layers from real activations -> profile YAML"
+    )
+    calibrate.add_argument("--model", required=True, help="a Hugging Face model folder")
+    calibrate.add_argument("--text", nargs="+", required=True, help="calibration text files")
+    calibrate.add_argument("--target-recall", type=float, default=0.95)
+    calibrate.add_argument("--tokens", type=int, default=4096)
+    calibrate.add_argument("--block-size", type=int, default=128)
+    calibrate.add_argument("--c", type=int, default=16, help="c_q = c_k")
+    calibrate.add_argument(
+        "--taus", type=float, nargs="+", default=[0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
+    )
+    calibrate.add_argument("--out", required=True)
+    calibrate.set_defaults(run=_calibrate)
     return parser
 
 

@@ -1,0 +1,66 @@
+"""``unisparse calibrate`` on the tiny random Llama: profile written, loadable, per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unisparse_vllm.cli import main
+from unisparse_vllm.config import resolve_config
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    from tiny_model import corpus
+
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text("\n".join(corpus(300)))
+    return path
+
+
+def _calibrate(
+    tiny: Path, text: Path, out: Path, target: float, taus: tuple[str, ...] = ("0.5", "0.8", "0.95")
+) -> dict:
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    argv += ["--block-size", "64", "--c", "8", "--target-recall", str(target)]
+    argv += ["--out", str(out), "--taus", *taus]
+    assert main(argv) == 0
+    return yaml.safe_load(out.read_text())
+
+
+def test_calibration_writes_a_loadable_per_layer_profile(
+    tiny: Path, text: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "profile.yaml"
+    settings = _calibrate(tiny, text, out, target=0.5)
+    assert (settings["block_size"], settings["c_q"], settings["c_k"]) == (64, 8, 8)
+    sparse_layers = [o["layers"][0] for o in settings["layer_overrides"]]
+    assert sorted(sparse_layers + settings["dense_layers"]) == [0, 1, 2]
+    assert all(o["tau"] in (0.5, 0.8, 0.95) for o in settings["layer_overrides"])
+    header = out.read_text().splitlines()[:4]
+    assert all(line.startswith("#") for line in header) and "layer 2" in header[3]
+    config = resolve_config(file=out)
+    assert config.block_size == 64
+
+
+def test_unreachable_recall_makes_every_layer_dense(tiny: Path, text: Path, tmp_path: Path) -> None:
+    # tau 0.05 keeps little more than the sink and diagonal blocks: far below 0.999 recall.
+    settings = _calibrate(tiny, text, tmp_path / "dense.yaml", target=0.999, taus=("0.05",))
+    assert settings["dense_layers"] == [0, 1, 2] and settings["layer_overrides"] == []
+
+
+def test_trivial_recall_takes_the_smallest_tau(tiny: Path, text: Path, tmp_path: Path) -> None:
+    settings = _calibrate(tiny, text, tmp_path / "loose.yaml", target=0.0)
+    assert settings["dense_layers"] == []
+    assert [o["tau"] for o in settings["layer_overrides"]] == [0.5, 0.5, 0.5]

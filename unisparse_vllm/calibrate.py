@@ -1,0 +1,162 @@
+"""Per-layer budgets from real activations: ``unisparse calibrate``.
+
+Runs a Hugging Face model (CPU is enough for small models) over calibration text, captures
+each layer's post-RoPE queries and keys, and for each layer picks the smallest ``tau`` whose
+plan keeps at least ``target_recall`` of the exact attention mass on average; layers that
+miss the target even at the largest ``tau`` become dense layers. The result is a profile YAML that
+``--additional-config '{"unisparse": {"profile": "..."}}'`` loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from .config import UniSparseConfig
+from .core import ContiguousKV, PrefillBatch, exact_key_block_probs, plan_prefill
+
+DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def capture_qkv(model: Any, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer ``(query [n, Hq, d], keys [n, Hkv, d], values [n, Hkv, d])``, post-RoPE, fp32.
+
+    Works for Hugging Face decoder models whose attention calls their module's
+    ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral) and has a ``v_proj``.
+    """
+    module: Any = importlib.import_module(type(model).__module__)
+    original = module.apply_rotary_pos_emb
+    rotated: list[tuple[Tensor, Tensor]] = []
+    values: list[Tensor] = []
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def recording_rope(q: Tensor, k: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        q_embed, k_embed = original(q, k, *args, **kwargs)
+        rotated.append((q_embed[0].transpose(0, 1).float(), k_embed[0].transpose(0, 1).float()))
+        return q_embed, k_embed
+
+    def record_values(_module: Any, _inputs: Any, out: Tensor) -> None:
+        values.append(out[0].float().view(out.shape[1], -1, head_dim))
+
+    hooks = [
+        layer.self_attn.v_proj.register_forward_hook(record_values) for layer in model.model.layers
+    ]
+    module.apply_rotary_pos_emb = recording_rope
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        module.apply_rotary_pos_emb = original
+        for hook in hooks:
+            hook.remove()
+    return [(q, k, v) for (q, k), v in zip(rotated, values, strict=True)]
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    layer: int
+    tau: float | None  # None: dense
+    recall: float
+    density: float
+
+
+def choose_layer_budget(
+    query: Tensor,
+    keys: Tensor,
+    layer: int,
+    config: UniSparseConfig,
+    target_recall: float,
+    taus: tuple[float, ...] = DEFAULT_TAUS,
+) -> LayerChoice:
+    """The smallest ``tau`` reaching ``target_recall`` (mean over queries and heads)."""
+    seq_len = query.shape[0]
+    batch = PrefillBatch.from_lens([seq_len])
+    kv = ContiguousKV(keys, keys, (0,))  # values play no part in recall
+    scale = 1 / math.sqrt(query.shape[-1])
+    probs = exact_key_block_probs(query, keys, 0, config.block_size, scale)
+    token_row = torch.arange(seq_len) // config.block_size
+    c_h = config.heads_per_selection(query.shape[1], keys.shape[1])
+    sel_of_head = torch.arange(query.shape[1]) // c_h
+    last = LayerChoice(layer, None, 1.0, 1.0)
+    for tau in sorted(taus):
+        budget = config.for_layer(layer).model_copy(
+            update={"tau": tau, "mode": "top_p", "dense": False}
+        )
+        plan = plan_prefill(query, kv, batch, config, budget, scale=scale)
+        selected = plan.block_mask(0, probs.shape[2])[sel_of_head][:, token_row]
+        recall = float((probs * selected).sum(dim=2).mean())
+        last = LayerChoice(layer, tau, recall, plan.density())
+        if recall >= target_recall:
+            break
+    # Density is left to the runtime guard (dense_above_density): it falls with length, so a
+    # short calibration prompt would overstate it.
+    if last.recall < target_recall:
+        return LayerChoice(layer, None, last.recall, last.density)
+    return last
+
+
+def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> dict[str, Any]:
+    """Profile settings: the geometry measured with, the dense layers, and one ``tau``
+    override per sparse layer."""
+    dense = sorted(c.layer for c in choices if c.tau is None)
+    overrides = [
+        {"layers": [c.layer], "tau": c.tau}
+        for c in sorted(choices, key=lambda c: c.layer)
+        if c.tau is not None
+    ]
+    return {
+        "block_size": config.block_size,
+        "c_q": config.c_q,
+        "c_k": config.c_k,
+        "dense_layers": dense,
+        "layer_overrides": overrides,
+    }
+
+
+def calibrate(
+    model_path: str,
+    texts: list[str],
+    *,
+    target_recall: float,
+    tokens: int,
+    config: UniSparseConfig,
+    taus: tuple[float, ...] = DEFAULT_TAUS,
+) -> tuple[dict[str, Any], list[LayerChoice], int]:
+    """``(profile settings, per-layer choices, calibration tokens used)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < 2 * config.block_size:
+        raise ValueError(
+            f"calibration text gives {ids.shape[1]} tokens; need >= {2 * config.block_size}"
+        )
+    # Measure every layer sparsely, whatever the prompt length and the profile's dense layers.
+    measured = config.model_copy(update={"min_sparse_tokens": 0, "dense_layers": []})
+    choices = [
+        choose_layer_budget(q, k, layer, measured, target_recall, taus)
+        for layer, (q, k, _v) in enumerate(capture_qkv(model, ids))
+    ]
+    return calibrated_profile(choices, config), choices, int(ids.shape[1])
+
+
+def write_profile(
+    settings: dict[str, Any], path: Path, choices: list[LayerChoice], header: str
+) -> None:
+    """The profile YAML, with one comment line per layer saying what was measured."""
+    lines = [f"# {header}"]
+    lines += [
+        f"#   layer {c.layer}: {'dense' if c.tau is None else f'tau {c.tau}'}"
+        f" (mean recall {c.recall:.3f}, density {c.density:.3f})"
+        for c in choices
+    ]
+    path.write_text("\n".join(lines) + "\n" + yaml.safe_dump(settings, sort_keys=False))
