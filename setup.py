@@ -25,7 +25,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["unisparse_vllm", "unisparse_vllm.*"]),
-    package_data={"unisparse_vllm": ["profiles/*.yaml", "py.typed"]},
+    package_data={"unisparse_vllm": ["profiles/*.yaml", "profiles/calibrated/*.yaml", "py.typed"]},
     install_requires=[
         "torch>=2.4",
         "pydantic>=2.5",

@@ -218,11 +218,24 @@ class Profile(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+def calibrated_profiles() -> dict[str, Path]:
+    """Shipped model-specific profiles (``unisparse calibrate`` output), by name."""
+    folder = Path(str(resources.files("unisparse_vllm"))) / "profiles" / "calibrated"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file holding one mapping; errors name the file."""
+    """A YAML or JSON file holding one mapping, or a shipped calibrated profile's name;
+    errors name the file."""
     file = Path(path)
+    if not file.is_file() and str(path) in calibrated_profiles():
+        file = calibrated_profiles()[str(path)]
     if not file.is_file():
-        raise ConfigError(f"UniSparse profile file {str(file)!r} does not exist")
+        shipped = ", ".join(calibrated_profiles()) or "none"
+        raise ConfigError(
+            f"UniSparse profile file {str(file)!r} does not exist "
+            f"(nor is it a shipped calibrated profile: {shipped})"
+        )
     text = file.read_text()
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)

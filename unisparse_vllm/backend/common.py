@@ -4,7 +4,6 @@ sparse prefill (config resolved once, then plan + attend through ``kernels``).""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from ..config import LayerBudget, UniSparseConfig, config_from_vllm
 from ..core import PagedKV, PrefillBatch
 from .compat import split_kv_cache
 from .stats import STATS
-
-logger = logging.getLogger("unisparse_vllm")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from .common import (
 )
 
 compat.check_supported()
-logger = logging.getLogger("unisparse_vllm")
+logger = logging.getLogger("vllm.unisparse")  # a child of vLLM's configured logger
+_REPORTED: set[str] = set()
 
 
 class UniSparseFlashBackend(FlashAttentionBackend):
@@ -144,8 +145,9 @@ class UniSparseFlashImpl(FlashAttentionImpl):
         self.sparse: SparsePrefillLayer | None = None
         if reason is None:
             self.sparse = SparsePrefillLayer(num_heads, num_kv_heads, head_size, self.scale)
-        else:
-            logger.info("UniSparse: a layer with %s runs dense FlashAttention", reason)
+        elif reason not in _REPORTED:  # one line per reason, not one per layer
+            _REPORTED.add(reason)
+            logger.info("UniSparse: layers with %s run dense FlashAttention", reason)
 
     def forward(  # type: ignore[override]
         self,

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import compat
 
-logger = logging.getLogger("unisparse_vllm")
+logger = logging.getLogger("vllm.unisparse")  # a child of vLLM's configured logger
 
 BACKEND_NAME = "UNISPARSE"
 CUDA_BACKEND = "unisparse_vllm.backend.cuda.UniSparseFlashBackend"

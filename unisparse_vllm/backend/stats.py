@@ -2,7 +2,7 @@
 
 Counted per process (each engine worker): prefill tokens that went through block
 selection vs. densely, and the selected density. Logged at INFO at most every
-``LOG_INTERVAL_S``. With ``UNISPARSE_STATS_PATH`` set, each worker also writes its
+``LOG_INTERVAL_S`` (the first at once). With ``UNISPARSE_STATS_PATH`` set, each worker also writes its
 counters as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and debugging;
 it costs one small file write per layer and step).
 """
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-logger = logging.getLogger("unisparse_vllm")
+logger = logging.getLogger("vllm.unisparse")  # a child of vLLM's configured logger
 LOG_INTERVAL_S = 30.0
 
 
@@ -35,7 +35,7 @@ class LayerCounters:
 class SparseStats:
     def __init__(self) -> None:
         self.layers: dict[str, LayerCounters] = {}
-        self._last_log = time.monotonic()
+        self._last_log = float("-inf")  # the first sparse step is logged at once
 
     def record(
         self, layer: str, *, sparse_tokens: int, dense_tokens: int, selected: int, causal: int
