@@ -116,6 +116,7 @@ def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> d
         "block_size": config.block_size,
         "c_q": config.c_q,
         "c_k": config.c_k,
+        "c_h": config.c_h,
         "dense_layers": dense,
         "layer_overrides": overrides,
     }

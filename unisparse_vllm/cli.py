@@ -42,7 +42,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
     config = resolve_config(
-        {"block_size": args.block_size, "c_q": args.c, "c_k": args.c},
+        {"block_size": args.block_size, "c_q": args.c, "c_k": args.c, "c_h": args.c_h},
         model_type=_model_type(args.model),
         model_name=args.model,
     )
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--tokens", type=int, default=4096)
     calibrate.add_argument("--block-size", type=int, default=128)
     calibrate.add_argument("--c", type=int, default=16, help="c_q = c_k")
+    calibrate.add_argument("--c-h", type=int, help="query heads pooled (default: the GQA group)")
     calibrate.add_argument(
         "--taus", type=float, nargs="+", default=[0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
     )

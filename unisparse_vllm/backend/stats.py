@@ -2,9 +2,9 @@
 
 Counted per process (each engine worker): prefill tokens that went through block
 selection vs. densely, and the selected density. Logged at INFO at most every
-``LOG_INTERVAL_S`` (the first at once). With ``UNISPARSE_STATS_PATH`` set, each worker also writes its
-counters as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and debugging;
-it costs one small file write per layer and step).
+``LOG_INTERVAL_S`` (the first at once). With ``UNISPARSE_STATS_PATH`` set, each worker also
+writes its counters as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and
+debugging; it costs one small file write per layer and step).
 """
 
 from __future__ import annotations
