@@ -136,8 +136,7 @@ class SparsePrefillLayer:
         budget = self.budget(layer_name)
         plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
         # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
-        selected = int(plan.counts.sum())
-        causal = int((plan.row_block.long() + 1).sum()) * plan.counts.shape[0]
+        selected, causal = plan.block_totals()
         threshold = self.config.dense_above_density
         if threshold is not None and selected > threshold * causal:
             run_dense()

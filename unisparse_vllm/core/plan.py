@@ -36,10 +36,15 @@ class BlockPlan:
     def num_rows(self) -> int:
         return int(self.row_block.shape[0])
 
+    def block_totals(self) -> tuple[int, int]:
+        """``(selected, causal)`` key blocks summed over every head and row (a host sync)."""
+        causal = int((self.row_block.long() + 1).sum()) * self.counts.shape[0]
+        return int(self.counts.sum()), causal
+
     def density(self) -> float:
         """Selected blocks over causal blocks, over every head and row."""
-        causal = self.row_block.to(self.counts.device, torch.long) + 1
-        return float(self.counts.sum() / (causal.sum() * self.counts.shape[0]))
+        selected, causal = self.block_totals()
+        return selected / causal
 
     def block_mask(self, request: int, num_kv_blocks: int) -> Tensor:
         """Request's rows as a boolean ``[H_sel, its query blocks, num_kv_blocks]``."""
