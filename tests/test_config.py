@@ -38,6 +38,19 @@ def test_every_builtin_profile_validates() -> None:
         UniSparseConfig.model_validate(profile.settings)
 
 
+def test_shipped_calibrated_profiles_load_by_name() -> None:
+    from unisparse_vllm.config import calibrated_profiles
+
+    names = list(calibrated_profiles())
+    assert "qwen2.5-coder-0.5b-instruct" in names
+    for name in names:
+        config = resolve_config({"profile": name})
+        overridden = {i for o in config.layer_overrides for i in o.layers}
+        assert overridden or config.dense_layers, f"{name} sets no per-layer budget"
+    with pytest.raises(ConfigError, match="nor is it a shipped calibrated profile"):
+        resolve_config({"profile": "no-such-model"})
+
+
 @pytest.mark.parametrize(
     "kwargs,expected",
     [
