@@ -1,0 +1,200 @@
+"""RULER-style synthetic long-context tasks: generators and scorers (no model, no vLLM).
+
+Task families after RULER (Hsieh et al., 2024): needle in a haystack (single, multi-key,
+multi-value, multi-query), variable tracking, common- and frequent-word extraction. Each
+sample is generated from a seed, filled with haystack text up to a token budget, and scored
+the way RULER scores it: the share of reference strings found in the answer (x100).
+QA (SQuAD / HotpotQA) is not generated yet.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+TASKS = (
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    prompt: str
+    references: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def string_match_all(prediction: str, references: Sequence[str]) -> float:
+    """RULER's metric for these tasks: percentage of references found (case-insensitive)."""
+    found = sum(ref.lower() in prediction.lower() for ref in references)
+    return 100.0 * found / len(references)
+
+
+def sentences(text: str) -> list[str]:
+    """A regex sentence splitter (RULER's nltk one needs a download)."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+class Haystack:
+    """Essay sentences cycled to fill a prompt up to a token budget."""
+
+    def __init__(self, text: str, count_tokens: Callable[[str], int]) -> None:
+        self.sentences = sentences(text)
+        if not self.sentences:
+            raise ValueError("the haystack text has no sentences")
+        self.count_tokens = count_tokens
+
+    def fill(self, budget: int, rng: random.Random) -> list[str]:
+        start = rng.randrange(len(self.sentences))
+        out: list[str] = []
+        used = 0
+        i = start
+        while True:
+            sentence = self.sentences[i % len(self.sentences)]
+            cost = self.count_tokens(sentence) + 1
+            if used + cost > budget:
+                return out
+            out.append(sentence)
+            used += cost
+            i += 1
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def _key(rng: random.Random) -> str:
+    words = [
+        "amber",
+        "basil",
+        "cedar",
+        "delta",
+        "ember",
+        "fable",
+        "garnet",
+        "harbor",
+        "indigo",
+        "juniper",
+        "kestrel",
+        "lumen",
+        "meadow",
+        "nectar",
+        "onyx",
+        "prism",
+        "quartz",
+        "raven",
+        "sierra",
+        "tundra",
+        "umber",
+        "velvet",
+        "willow",
+        "zephyr",
+    ]
+    return f"{rng.choice(words)}-{rng.choice(words)}-{rng.randint(10, 99)}"
+
+
+def _insert(filler: list[str], items: list[str], rng: random.Random) -> str:
+    positions = sorted(rng.sample(range(len(filler) + 1), k=len(items)))
+    out = list(filler)
+    for offset, (pos, item) in enumerate(zip(positions, items, strict=True)):
+        out.insert(pos + offset, item)
+    return " ".join(out)
+
+
+def _niah(task: str, hay: Haystack, budget: int, rng: random.Random) -> Sample:
+    num_keys = {"niah_single": 1, "niah_multikey": 4, "niah_multivalue": 1, "niah_multiquery": 4}[
+        task
+    ]
+    values_per_key = 4 if task == "niah_multivalue" else 1
+    keys = [_key(rng) for _ in range(num_keys)]
+    values = {k: [_number(rng) for _ in range(values_per_key)] for k in keys}
+    needles = [
+        f"One of the special magic numbers for {k} is: {v}." for k in keys for v in values[k]
+    ]
+    asked = keys if task == "niah_multiquery" else [keys[0]]
+    references = [v for k in asked for v in values[k]]
+    question = (
+        f"What are all the special magic numbers for {', '.join(asked)} mentioned in the text?"
+    )
+    filler = hay.fill(budget - 60 - 25 * len(needles), rng)
+    context = _insert(filler, needles, rng)
+    prompt = (
+        "Some special magic numbers are hidden within the following text. Make sure to "
+        f"memorize them. I will quiz you about them afterwards.\n{context}\n{question} "
+        "The special magic numbers mentioned in the provided text are"
+    )
+    return Sample(task, prompt, references, {"keys": keys})
+
+
+def _vt(hay: Haystack, budget: int, rng: random.Random) -> Sample:
+    value = _number(rng)
+    names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(5)]
+    chain = [f"VAR {names[0]} = {value}."] + [
+        f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))
+    ]
+    filler = hay.fill(budget - 80 - 15 * len(chain), rng)
+    context = _insert(filler, chain, rng)
+    prompt = (
+        f"Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
+        f"{context}\nQuestion: Find all variables that are assigned the value {value} in the "
+        "text above. Answer: According to the chain(s) of variable assignment in the text "
+        "above, variables that are assigned the specified value are"
+    )
+    return Sample("vt", prompt, names, {"value": value})
+
+
+def _word_lists(task: str, hay: Haystack, budget: int, rng: random.Random) -> Sample:
+    vocab = list(VOCAB)
+    rng.shuffle(vocab)
+    entries = max(budget // 3, 40)
+    if task == "cwe":
+        common, rare = vocab[:10], vocab[10:]
+        words = common * max(3, entries // 30)
+        words += rng.choices(rare, k=max(0, entries - len(words)))
+        top, ask = 10, "the 10 most common words"
+    else:
+        ranked = vocab[:200]
+        words = rng.choices(ranked, weights=[1 / (i + 1) for i in range(len(ranked))], k=entries)
+        top, ask = 3, "the 3 most frequently appearing words"
+    rng.shuffle(words)
+    while True:  # shrink the list until the prompt fits; the answer is read off what is left
+        listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+        prompt = (
+            f"Below is a numbered list of words. Find {ask} in the list.\n{listing}\n"
+            f"Question: What are {ask} in the above list? Answer: The words are"
+        )
+        if hay.count_tokens(prompt) <= budget or len(words) <= 2 * top:
+            break
+        words = words[: int(len(words) * 0.9)]
+    answer = [w for w, _ in Counter(words).most_common(top)]
+    return Sample(task, prompt, answer)
+
+
+VOCAB = [
+    f"{a}{b}"
+    for a in ("zor", "mip", "tal", "ven", "kro", "lux", "quo", "fex")
+    for b in ("ba", "di", "ko", "mu", "ne", "pa", "ri", "su", "te", "vo", "wy", "xa")
+]
+VOCAB += [w + "n" for w in VOCAB]
+
+
+def generate(task: str, hay: Haystack, budget: int, seed: int) -> Sample:
+    """One sample of ``task`` whose prompt fits in about ``budget`` tokens."""
+    rng = random.Random(f"{task}:{budget}:{seed}")
+    if task.startswith("niah"):
+        return _niah(task, hay, budget, rng)
+    if task == "vt":
+        return _vt(hay, budget, rng)
+    if task in ("cwe", "fwe"):
+        return _word_lists(task, hay, budget, rng)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
