@@ -25,12 +25,19 @@ from unisparse_vllm.config import resolve_config
 from unisparse_vllm.core import (
     ContiguousKV,
     PrefillBatch,
-    block_mass,
+    batch_block_mass,
     exact_attention,
     fidelity,
     plan_prefill,
     sparse_attention,
 )
+from unisparse_vllm.core.baselines import last_block_block_mass, xattention_block_mass
+
+ESTIMATORS = {
+    "unisparse": batch_block_mass,
+    "xattention": xattention_block_mass,
+    "last_block": last_block_block_mass,
+}
 
 
 def long_prompt_ids(tokenizer, essays: Path, tokens: int) -> torch.Tensor:
@@ -52,6 +59,7 @@ def main() -> None:
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--composite", type=int, nargs="+", default=[8, 16, 32], help="c_q = c_k")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--estimators", nargs="+", default=["unisparse"], choices=ESTIMATORS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -70,7 +78,8 @@ def main() -> None:
         kv = ContiguousKV(keys, values, (0,))
         for block in args.block_sizes:
             exact = exact_attention(query, kv, batch, block, scale)
-            for c, tau in itertools.product(args.composite, args.taus):
+            grid = itertools.product(args.estimators, args.composite, args.taus)
+            for name, c, tau in grid:
                 config = resolve_config(
                     {
                         "block_size": block,
@@ -82,24 +91,41 @@ def main() -> None:
                     }
                 )
                 c_h = config.heads_per_selection(query.shape[1], keys.shape[1])
-                estimate = block_mass(
-                    query, keys, 0, block_size=block, c_q=c, c_k=c, c_h=c_h, scale=scale
+                estimator = ESTIMATORS[name]
+                estimate = estimator(query, kv, batch, [True], config=config, c_h=c_h, scale=scale)
+                plan = plan_prefill(
+                    query,
+                    kv,
+                    batch,
+                    config,
+                    config.for_layer(layer),
+                    scale=scale,
+                    estimator=estimator,
                 )
-                plan = plan_prefill(query, kv, batch, config, config.for_layer(layer), scale=scale)
                 out = sparse_attention(query, kv, batch, plan, scale)
                 fid = fidelity(plan, batch, exact, out, [estimate])
-                row = {"layer": layer, "block": block, "c": c, "tau": tau, **fid.__dict__}
+                row = {
+                    "layer": layer,
+                    "estimator": name,
+                    "block": block,
+                    "c": c,
+                    "tau": tau,
+                    **fid.__dict__,
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
     print(f"\n{args.model}: {args.tokens} tokens, median over layers {layers[0]}..{layers[-1]}")
     print(
-        f"{'block':>5} {'c':>3} {'tau':>5} {'density':>8} {'recall':>7} {'recall_min':>10} "
-        f"{'rel_err':>8} {'rank_corr':>9}"
+        f"{'estimator':>10} {'block':>5} {'c':>3} {'tau':>5} {'density':>8} {'recall':>7} "
+        f"{'recall_min':>10} {'rel_err':>8} {'rank_corr':>9}"
     )
     summary = []
-    for block, c, tau in itertools.product(args.block_sizes, args.composite, args.taus):
-        sel = [r for r in rows if (r["block"], r["c"], r["tau"]) == (block, c, tau)]
+    for name, block, c, tau in itertools.product(
+        args.estimators, args.block_sizes, args.composite, args.taus
+    ):
+        key = (name, block, c, tau)
+        sel = [r for r in rows if (r["estimator"], r["block"], r["c"], r["tau"]) == key]
         med = {
             k: statistics.median(r[k] for r in sel)
             for k in (
@@ -110,10 +136,10 @@ def main() -> None:
                 "rank_correlation_median",
             )
         }
-        summary.append({"block": block, "c": c, "tau": tau, **med})
+        summary.append({"estimator": name, "block": block, "c": c, "tau": tau, **med})
         print(
-            f"{block:>5} {c:>3} {tau:>5.2f} {med['density']:>8.3f} {med['mass_recall_mean']:>7.4f} "
-            f"{med['mass_recall_min']:>10.4f} {med['relative_error']:>8.4f} "
+            f"{name:>10} {block:>5} {c:>3} {tau:>5.2f} {med['density']:>8.3f} "
+            f"{med['mass_recall_mean']:>7.4f} {med['mass_recall_min']:>10.4f} {med['relative_error']:>8.4f} "
             f"{med['rank_correlation_median']:>9.3f}"
         )
     if args.out:

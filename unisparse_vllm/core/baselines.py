@@ -1,0 +1,115 @@
+"""Peers' block-scoring rules as estimators with our interface (``BatchMassEstimator``), so a
+comparison changes only the choice of blocks: same selection, same plan, same kernel.
+
+- ``xattention_block_mass``: XAttention-style antidiagonal scoring. With stride ``S``, the
+  score of strided query ``u`` against strided key ``v`` is the sum of the raw scores on one
+  antidiagonal of their ``S x S`` tile, ``sum_t q[uS+S-1-t] . k[vS+t]``: the dot product of
+  the reversed concatenation of ``S`` queries with the concatenation of ``S`` keys. Softmax
+  over visible strided keys, summed per key block and averaged per query block, as ours.
+  (Our reading of the paper; the 1/S on the logits, keeping them at the scale of one score,
+  is our choice.)
+- ``last_block_block_mass``: FlexPrefill-style query-aware estimate, reduced to its core:
+  exact attention of the chunk's last query block, summed per key block, stands for every
+  row (renormalised over each row's causal blocks). The per-head choice between this and a
+  vertical-slash pattern (FlexPrefill's JS-divergence test) is not modelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import UniSparseConfig
+from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range
+from .estimate import pool_heads
+from .metrics import exact_key_block_probs
+
+
+def _per_request(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    estimated: Sequence[bool],
+    c_h: int,
+    block_size: int,
+    mass_of,
+) -> Tensor:
+    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
+    masses = []
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        rows = query_block_range(c, n, block_size)
+        mass = query.new_zeros(query.shape[1] // c_h, len(rows), width, dtype=torch.float32)
+        if estimated[r]:
+            keys, _ = kv.keys_values(r, c + n)
+            got = mass_of(query[batch.query_slice(r)], keys, c, rows)
+            mass[..., : got.shape[2]] = got.float()
+        masses.append(mass)
+    return torch.cat(masses, dim=1)
+
+
+def xattention_block_mass(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    estimated: Sequence[bool],
+    *,
+    config: UniSparseConfig,
+    c_h: int,
+    scale: float,
+    stride: int = 8,
+) -> Tensor:
+    block = config.block_size
+
+    def mass_of(q: Tensor, keys: Tensor, context: int, rows: range) -> Tensor:
+        n, seq_len = q.shape[0], keys.shape[0]
+        group = q.shape[1] // keys.shape[1]
+        q = pool_heads(q.double(), c_h)  # [n, Hs, d]
+        k = keys.double()[:, torch.arange(q.shape[1]) * c_h // group]  # [L, Hs, d]
+        # Pad both to whole strides at absolute positions; padded slots are masked below.
+        q_pad = torch.zeros(rows.stop * block - rows.start * block, *q.shape[1:], dtype=q.dtype)
+        q_pad[context - rows.start * block : context - rows.start * block + n] = q
+        k_pad = torch.zeros(num_key_blocks(seq_len, block) * block, *k.shape[1:], dtype=k.dtype)
+        k_pad[:seq_len] = k
+        hs, dim = q.shape[1], q.shape[2]
+        q_cat = (
+            q_pad.view(-1, stride, hs, dim)
+            .flip(1)
+            .permute(2, 0, 1, 3)
+            .reshape(hs, -1, stride * dim)
+        )
+        k_cat = k_pad.view(-1, stride, hs, dim).permute(2, 0, 1, 3).reshape(hs, -1, stride * dim)
+        scores = torch.einsum("hud,hvd->huv", q_cat, k_cat) * scale / stride
+        u_last = rows.start * block + torch.arange(q_cat.shape[1]) * stride + stride - 1
+        v_first = torch.arange(k_cat.shape[1]) * stride
+        visible = (v_first[None, :] <= u_last[:, None]) & (v_first[None, :] < seq_len)
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        per_block = probs.view(hs, probs.shape[1], -1, block // stride).sum(-1)
+        return per_block.view(hs, len(rows), block // stride, -1).mean(2)
+
+    return _per_request(query, kv, batch, estimated, c_h, block, mass_of)
+
+
+def last_block_block_mass(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    estimated: Sequence[bool],
+    *,
+    config: UniSparseConfig,
+    c_h: int,
+    scale: float,
+) -> Tensor:
+    block = config.block_size
+
+    def mass_of(q: Tensor, keys: Tensor, context: int, rows: range) -> Tensor:
+        last = q[-block:]
+        first_pos = context + q.shape[0] - last.shape[0]
+        probs = exact_key_block_probs(last, keys, first_pos, block, scale).mean(dim=1)  # [Hq, kb]
+        probs = probs.view(-1, c_h, probs.shape[1]).mean(dim=1)  # [Hs, kb]
+        causal = torch.arange(probs.shape[1])[None, :] <= torch.tensor(list(rows))[:, None]
+        mass = probs[:, None, :] * causal[None]
+        return mass / mass.sum(dim=2, keepdim=True).clamp(min=1e-30)
+
+    return _per_request(query, kv, batch, estimated, c_h, block, mass_of)
