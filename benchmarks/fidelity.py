@@ -139,8 +139,8 @@ def main() -> None:
         summary.append({"estimator": name, "block": block, "c": c, "tau": tau, **med})
         print(
             f"{name:>10} {block:>5} {c:>3} {tau:>5.2f} {med['density']:>8.3f} "
-            f"{med['mass_recall_mean']:>7.4f} {med['mass_recall_min']:>10.4f} {med['relative_error']:>8.4f} "
-            f"{med['rank_correlation_median']:>9.3f}"
+            f"{med['mass_recall_mean']:>7.4f} {med['mass_recall_min']:>10.4f} "
+            f"{med['relative_error']:>8.4f} {med['rank_correlation_median']:>9.3f}"
         )
     if args.out:
         args.out.write_text(
