@@ -22,31 +22,10 @@ import torch
 from torch import Tensor
 
 from ..config import UniSparseConfig
-from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range
+from .batch import KVSource, PrefillBatch, num_key_blocks
 from .estimate import pool_heads
 from .metrics import exact_key_block_probs
-
-
-def _per_request(
-    query: Tensor,
-    kv: KVSource,
-    batch: PrefillBatch,
-    estimated: Sequence[bool],
-    c_h: int,
-    block_size: int,
-    mass_of,
-) -> Tensor:
-    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
-    masses = []
-    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
-        rows = query_block_range(c, n, block_size)
-        mass = query.new_zeros(query.shape[1] // c_h, len(rows), width, dtype=torch.float32)
-        if estimated[r]:
-            keys, _ = kv.keys_values(r, c + n)
-            got = mass_of(query[batch.query_slice(r)], keys, c, rows)
-            mass[..., : got.shape[2]] = got.float()
-        masses.append(mass)
-    return torch.cat(masses, dim=1)
+from .plan import per_request_mass
 
 
 def xattention_block_mass(
@@ -88,7 +67,7 @@ def xattention_block_mass(
         per_block = probs.view(hs, probs.shape[1], -1, block // stride).sum(-1)
         return per_block.view(hs, len(rows), block // stride, -1).mean(2)
 
-    return _per_request(query, kv, batch, estimated, c_h, block, mass_of)
+    return per_request_mass(query, kv, batch, estimated, query.shape[1] // c_h, block, mass_of)
 
 
 def last_block_block_mass(
@@ -112,4 +91,4 @@ def last_block_block_mass(
         mass = probs[:, None, :] * causal[None]
         return mass / mass.sum(dim=2, keepdim=True).clamp(min=1e-30)
 
-    return _per_request(query, kv, batch, estimated, c_h, block, mass_of)
+    return per_request_mass(query, kv, batch, estimated, query.shape[1] // c_h, block, mass_of)

@@ -4,7 +4,7 @@ flattened over the rows of a varlen batch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,6 +84,34 @@ class BatchMassEstimator(Protocol):
     ) -> Tensor: ...
 
 
+RequestMass = Callable[[Tensor, Tensor, int, range], Tensor]
+
+
+def per_request_mass(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    estimated: Sequence[bool],
+    num_sel_heads: int,
+    block_size: int,
+    mass_of: RequestMass,
+) -> Tensor:
+    """A batch estimator from a one-request one: ``mass_of(chunk query, keys, context, rows)``
+    -> ``[H_sel, rows, key blocks]``; zero rows for requests not estimated, padded to the
+    batch's widest row."""
+    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
+    masses = []
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        rows = query_block_range(c, n, block_size)
+        mass = query.new_zeros(num_sel_heads, len(rows), width, dtype=torch.float32)
+        if estimated[r]:
+            keys, _ = kv.keys_values(r, c + n)
+            got = mass_of(query[batch.query_slice(r)], keys, c, rows)
+            mass[..., : got.shape[2]] = got.float()
+        masses.append(mass)
+    return torch.cat(masses, dim=1)
+
+
 def batch_block_mass(
     query: Tensor,
     kv: KVSource,
@@ -95,29 +123,22 @@ def batch_block_mass(
     scale: float,
 ) -> Tensor:
     """``block_mass`` of each estimated request, padded to the batch's widest row."""
-    block_size = config.block_size
-    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
-    masses = []
-    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
-        num_rows = len(query_block_range(c, n, block_size))
-        if not estimated[r]:
-            masses.append(
-                query.new_zeros(query.shape[1] // c_h, num_rows, width, dtype=torch.float32)
-            )
-            continue
-        keys, _ = kv.keys_values(r, c + n)
-        mass = block_mass(
-            query[batch.query_slice(r)],
+
+    def mass_of(chunk: Tensor, keys: Tensor, context: int, rows: range) -> Tensor:
+        return block_mass(
+            chunk,
             keys,
-            c,
-            block_size=block_size,
+            context,
+            block_size=config.block_size,
             c_q=config.c_q,
             c_k=config.c_k,
             c_h=c_h,
             scale=scale,
-        ).float()
-        masses.append(torch.nn.functional.pad(mass, (0, width - mass.shape[2])))
-    return torch.cat(masses, dim=1)
+        )
+
+    return per_request_mass(
+        query, kv, batch, estimated, query.shape[1] // c_h, config.block_size, mass_of
+    )
 
 
 def plan_prefill(
