@@ -27,20 +27,21 @@ def force_triton():
 
 
 CASES = [
-    # query_lens, context_lens, Hq, Hkv, head_dim, block, page, dtype
-    ([300], [0], 4, 2, 64, 64, 16, torch.float32),
-    ([130, 70], [64, 200], 4, 1, 32, 64, 32, torch.float16),
-    ([200], [100], 2, 2, 80, 64, 16, torch.float32),  # head dim not a power of two
-    ([260], [0], 2, 1, 64, 128, 16, torch.float16),
+    # query_lens, context_lens, Hq, Hkv, head_dim, block, page, dtype, c_h
+    ([300], [0], 4, 2, 64, 64, 16, torch.float32, None),
+    ([130, 70], [64, 200], 4, 1, 32, 64, 32, torch.float16, None),
+    ([200], [100], 2, 2, 80, 64, 16, torch.float32, None),  # head dim not a power of two
+    ([260], [0], 2, 1, 64, 128, 16, torch.float16, None),
+    ([280], [40], 6, 2, 32, 64, 16, torch.float32, 1),  # one selection per query head
 ]
 
 
 @pytest.mark.parametrize(
-    "case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-B{c[5]}"
+    "case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-B{c[5]}-ch{c[8]}"
 )
 @pytest.mark.parametrize("tau", [0.6, 1.0])
 def test_sparse_attention_matches_reference(case, tau: float) -> None:
-    query_lens, context_lens, hq, hkv, dim, block, page, dtype = case
+    query_lens, context_lens, hq, hkv, dim, block, page, dtype, c_h = case
     query_lens = [n * SCALE for n in query_lens]
     context_lens = [c * SCALE for c in context_lens]
     seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh inputs each run, reported on failure
@@ -51,7 +52,7 @@ def test_sparse_attention_matches_reference(case, tau: float) -> None:
         *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))
     )
     config = resolve_config(
-        {"block_size": block, "c_q": 16, "c_k": 16, "tau": tau, "min_sparse_tokens": 0}
+        {"block_size": block, "c_q": 16, "c_k": 16, "c_h": c_h, "tau": tau, "min_sparse_tokens": 0}
     )
     scale = 1 / math.sqrt(dim)
     plan = plan_prefill(query, paged, batch, config, config.for_layer(0), scale=scale)
