@@ -59,6 +59,9 @@ def worker(spec: dict) -> dict:
         additional_config={"unisparse": spec.get("unisparse", {})},
         seed=0,
         gpu_memory_utilization=0.85,
+        # With TP > 1 the counters live in the worker processes: set UNISPARSE_STATS_PATH
+        # to get one JSON file per rank.
+        tensor_parallel_size=spec.get("tp", 1),
     )
     if spec["job"] == "tokens":
         llm = LLM(
@@ -184,6 +187,7 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the tokens job with CUDA graphs (not eager)"
@@ -200,7 +204,7 @@ def main() -> None:
     llama.mkdir(exist_ok=True)
     (llama / "config.json").write_text(json.dumps(LLAMA_31_8B))
     if "tokens" not in args.skip:
-        base = {"job": "tokens", "model": tiny, "cuda_graphs": args.cuda_graphs}
+        base = {"job": "tokens", "model": tiny, "cuda_graphs": args.cuda_graphs, "tp": args.tp}
         report["tokens"] = {
             "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
             "UNISPARSE (sparsity off: below min_sparse_tokens)": run(
@@ -213,7 +217,7 @@ def main() -> None:
     if "serve" not in args.skip:
         report["serve"] = serve_check(tiny)
     if "ttft" not in args.skip:
-        base = {"job": "ttft", "model": str(llama), "lengths": args.lengths}
+        base = {"job": "ttft", "model": str(llama), "lengths": args.lengths, "tp": args.tp}
         report["ttft"] = {
             "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
             "UNISPARSE topk density 0.1": run(
