@@ -25,19 +25,12 @@ from unisparse_vllm.config import resolve_config
 from unisparse_vllm.core import (
     ContiguousKV,
     PrefillBatch,
-    batch_block_mass,
     exact_attention,
     fidelity,
     plan_prefill,
     sparse_attention,
 )
-from unisparse_vllm.core.baselines import last_block_block_mass, xattention_block_mass
-
-ESTIMATORS = {
-    "unisparse": batch_block_mass,
-    "xattention": xattention_block_mass,
-    "last_block": last_block_block_mass,
-}
+from unisparse_vllm.core.baselines import ESTIMATORS
 
 
 def long_prompt_ids(tokenizer, essays: Path, tokens: int) -> torch.Tensor:

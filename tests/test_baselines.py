@@ -52,3 +52,16 @@ def test_baselines_plug_into_the_same_plan() -> None:
             budget = CONFIG.for_layer(0).model_copy(update={"tau": tau})
             plan = plan_prefill(query, kv, batch, CONFIG, budget, scale=0.25, estimator=estimator)
             assert (plan.density() == 1.0) == dense
+
+
+def test_config_estimator_picks_the_rule() -> None:
+    query, kv, batch = random_batch([300], [0], 4, 2, 16, seed=5)
+    config = resolve_config(
+        {"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, "estimator": "xattention"}
+    )
+    budget = config.for_layer(0).model_copy(update={"tau": 0.6})
+    by_config = plan_prefill(query, kv, batch, config, budget, scale=0.25)
+    explicit = plan_prefill(
+        query, kv, batch, config, budget, scale=0.25, estimator=xattention_block_mass
+    )
+    assert torch.equal(by_config.indices, explicit.indices)

@@ -124,6 +124,11 @@ class UniSparseConfig(LayerBudget):
     dense_tail_blocks: int = Field(
         1, ge=0, description="Last query blocks of a prompt that get full attention."
     )
+    estimator: Literal["unisparse", "xattention", "last_block"] = Field(
+        "unisparse",
+        description="Block scores: UniSparse composite tokens, or a peer's rule for comparison "
+        "(XAttention-style antidiagonals, FlexPrefill-style last query block).",
+    )
     dense_above_density: float | None = Field(
         0.3,
         gt=0.0,

@@ -25,7 +25,7 @@ from ..config import UniSparseConfig
 from .batch import KVSource, PrefillBatch, num_key_blocks
 from .estimate import pool_heads
 from .metrics import exact_key_block_probs
-from .plan import per_request_mass
+from .plan import BatchMassEstimator, batch_block_mass, per_request_mass
 
 
 def xattention_block_mass(
@@ -92,3 +92,10 @@ def last_block_block_mass(
         return mass / mass.sum(dim=2, keepdim=True).clamp(min=1e-30)
 
     return per_request_mass(query, kv, batch, estimated, query.shape[1] // c_h, block, mass_of)
+
+
+ESTIMATORS: dict[str, BatchMassEstimator] = {
+    "unisparse": batch_block_mass,
+    "xattention": xattention_block_mass,
+    "last_block": last_block_block_mass,
+}

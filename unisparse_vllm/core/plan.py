@@ -150,15 +150,20 @@ def plan_prefill(
     *,
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
-    estimator: BatchMassEstimator = batch_block_mass,
+    estimator: BatchMassEstimator | None = None,
 ) -> BlockPlan:
-    """Estimate block mass and select blocks for a whole prefill batch.
+    """Estimate block mass (``estimator``, default: ``config.estimator``'s reference) and
+    select blocks for a whole prefill batch.
 
     Dense rows (ALGORITHM.md sections 5-6): every row of a decode (one query token), of a
     request shorter than ``min_sparse_tokens`` or of a dense layer, and the last
     ``dense_tail_blocks`` query blocks before ``prompt_lens[r]`` (default: the chunk's end,
     the prompt end if unknown).
     """
+    if estimator is None:
+        from .baselines import ESTIMATORS  # the peers' rules build on this module
+
+        estimator = ESTIMATORS[config.estimator]
     block_size = config.block_size
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
     prompt_ends = prompt_lens or batch.seq_lens

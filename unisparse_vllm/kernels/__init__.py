@@ -46,7 +46,16 @@ def plan_prefill(
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
 ) -> BlockPlan:
-    return core.plan_prefill(query, kv, batch, config, budget, scale=scale, prompt_lens=prompt_lens)
+    """``core.plan_prefill``; UniSparse's block mass through the fused kernel when Triton is
+    chosen (the peers' rules always run their PyTorch reference)."""
+    estimator = None
+    if config.estimator == "unisparse" and _triton_for(query):
+        from .estimate import batch_block_mass
+
+        estimator = batch_block_mass
+    return core.plan_prefill(
+        query, kv, batch, config, budget, scale=scale, prompt_lens=prompt_lens, estimator=estimator
+    )
 
 
 def sparse_attention(
