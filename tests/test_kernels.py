@@ -118,3 +118,12 @@ def test_plan_through_the_fused_estimator_matches_the_reference_plan() -> None:
     total = sum(a.numel() for a, _ in masks)
     # fp32 sums in another order may flip a block sitting exactly at the tau boundary
     assert differing <= max(1, total // 100), f"seed {seed}: {differing} of {total} differ"
+
+
+def test_bad_kernel_choice_names_the_variable(monkeypatch) -> None:
+    kernels.use(None)
+    monkeypatch.setenv("UNISPARSE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match=r"UNISPARSE_KERNELS must be one of .* got 'cuda'"):
+        kernels.choice()
+    with pytest.raises(ValueError, match="kernel choice must be one of"):
+        kernels.use("fast")

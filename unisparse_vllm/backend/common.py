@@ -101,6 +101,7 @@ class SparsePrefillLayer:
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
         self.config = engine_config()
         self.config.heads_per_selection(num_heads, num_kv_heads)  # c_h must fit this model
+        kernels.choice()  # a bad UNISPARSE_KERNELS stops start-up
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale

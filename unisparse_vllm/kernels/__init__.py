@@ -27,13 +27,20 @@ def use(choice: str | None) -> None:
     _choice = choice
 
 
+def choice() -> str:
+    """The implementation in force; a bad ``UNISPARSE_KERNELS`` raises (backends call this
+    at start-up, so a typo stops the engine there rather than at the first long prompt)."""
+    chosen = _choice or os.environ.get("UNISPARSE_KERNELS", "auto")
+    if chosen not in CHOICES:
+        raise ValueError(f"UNISPARSE_KERNELS must be one of {CHOICES}, got {chosen!r}")
+    return chosen
+
+
 def _triton_for(tensor: Tensor) -> bool:
-    choice = _choice or os.environ.get("UNISPARSE_KERNELS", "auto")
-    if choice not in CHOICES:
-        raise ValueError(f"UNISPARSE_KERNELS must be one of {CHOICES}, got {choice!r}")
-    if choice == "auto":
+    choice_ = choice()
+    if choice_ == "auto":
         return tensor.is_cuda
-    return choice == "triton"
+    return choice_ == "triton"
 
 
 def plan_prefill(
