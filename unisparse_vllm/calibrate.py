@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import UniSparseConfig
 from .core import ContiguousKV, PrefillBatch, exact_key_block_probs, plan_prefill
+from .core.metrics import mass_recall
 
 DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
@@ -82,17 +83,13 @@ def choose_layer_budget(
     kv = ContiguousKV(keys, keys, (0,))  # values play no part in recall
     scale = 1 / math.sqrt(query.shape[-1])
     probs = exact_key_block_probs(query, keys, 0, config.block_size, scale)
-    token_row = torch.arange(seq_len) // config.block_size
-    c_h = config.heads_per_selection(query.shape[1], keys.shape[1])
-    sel_of_head = torch.arange(query.shape[1]) // c_h
     last = LayerChoice(layer, None, 1.0, 1.0)
     for tau in sorted(taus):
         budget = config.for_layer(layer).model_copy(
             update={"tau": tau, "mode": "top_p", "dense": False}
         )
         plan = plan_prefill(query, kv, batch, config, budget, scale=scale)
-        selected = plan.block_mask(0, probs.shape[2])[sel_of_head][:, token_row]
-        recall = float((probs * selected).sum(dim=2).mean())
+        recall = float(mass_recall(probs, plan, 0, 0).mean())
         last = LayerChoice(layer, tau, recall, plan.density())
         if recall >= target_recall:
             break

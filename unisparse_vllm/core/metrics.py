@@ -83,6 +83,19 @@ class Fidelity:
     rank_correlation_median: float
 
 
+def mass_recall(probs: Tensor, plan: BlockPlan, request: int, context_len: int) -> Tensor:
+    """Exact attention mass inside the plan's blocks, per (query head, token) of ``request``.
+
+    ``probs`` is the request's ``exact_key_block_probs`` ``[Hq, n, key blocks]``.
+    """
+    num_heads, n, num_kb = probs.shape
+    first_row = context_len // plan.block_size
+    token_row = torch.arange(context_len, context_len + n, device=probs.device) // plan.block_size
+    sel_of_head = torch.arange(num_heads, device=probs.device) // plan.heads_per_selection
+    selected = plan.block_mask(request, num_kb)[sel_of_head][:, token_row - first_row]
+    return (probs * selected).sum(dim=2)
+
+
 def fidelity(
     plan: BlockPlan,
     batch: PrefillBatch,
@@ -102,12 +115,10 @@ def fidelity(
         probs = exact.key_block_probs[r]
         num_heads, _, num_kb = probs.shape
         rows = query_block_range(c, n, plan.block_size)
-        token_row = (torch.arange(c, c + n, device=probs.device) // plan.block_size) - rows.start
-        sel_of_head = torch.arange(num_heads, device=probs.device) // c_h
-        selected = plan.block_mask(r, num_kb)[sel_of_head][:, token_row]
-        recalls.append((probs * selected).sum(dim=2).flatten())
+        recalls.append(mass_recall(probs, plan, r, c).flatten())
         if estimated_mass is None:
             continue
+        token_row = (torch.arange(c, c + n, device=probs.device) // plan.block_size) - rows.start
         exact_mass = probs.new_zeros(num_heads, len(rows), num_kb).index_add_(1, token_row, probs)
         exact_mass = exact_mass / torch.bincount(token_row, minlength=len(rows))[None, :, None]
         exact_mass = exact_mass.reshape(-1, c_h, len(rows), num_kb).mean(dim=1)
