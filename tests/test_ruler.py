@@ -14,13 +14,68 @@ import pytest
 BENCH = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from ruler import TASKS, Haystack, generate, sentences, string_match_all  # noqa: E402
+from ruler import (  # noqa: E402
+    QA_FILES,
+    TASKS,
+    Haystack,
+    QACorpus,
+    generate,
+    score,
+    sentences,
+    string_match_all,
+)
 
 TEXT = " ".join(f"Sentence number {i} talks about rivers and code." for i in range(400))
+ESSAY_TASKS = [t for t in TASKS if t not in QA_FILES]
 
 
 def words(text: str) -> int:
     return len(text.split())
+
+
+def write_qa_data(folder: Path) -> Path:
+    """Tiny files in the SQuAD 2.0 and HotpotQA (distractor) layouts the real data uses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    articles = [
+        {
+            "title": f"Article {a}",
+            "paragraphs": [
+                {
+                    "context": f"Paragraph {a}.{p}: the river {a}{p} flows past town T{a}{p}.",
+                    "qas": [
+                        {
+                            "question": f"Which town does river {a}{p} flow past?",
+                            "answers": [{"text": f"T{a}{p}", "answer_start": 0}],
+                            "is_impossible": False,
+                        },
+                        {"question": "Unanswerable?", "answers": [], "is_impossible": True},
+                    ],
+                }
+                for p in range(5)
+            ],
+        }
+        for a in range(30)
+    ]
+    (folder / "squad.json").write_text(json.dumps({"version": "v2.0", "data": articles}))
+    items = [
+        {
+            "question": f"Who founded company C{i} and when?",
+            "answer": f"Founder{i}",
+            "context": [
+                [f"C{i}", [f"C{i} was founded by Founder{i}.", " It makes boats."]],
+                [f"Founder{i}", [f"Founder{i} was born in {1900 + i}."]],
+            ],
+        }
+        for i in range(60)
+    ]
+    (folder / "hotpotqa.json").write_text(json.dumps(items))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory: pytest.TempPathFactory) -> dict[str, QACorpus]:
+    folder = write_qa_data(tmp_path_factory.mktemp("qa"))
+    return {task: QACorpus.load(task, folder, words) for task in QA_FILES}
 
 
 def test_string_match_all_is_rulers_metric() -> None:
@@ -29,20 +84,48 @@ def test_string_match_all_is_rulers_metric() -> None:
     assert string_match_all("ABC", ["abc"]) == 100.0
 
 
+def test_qa_scores_any_reference_and_other_tasks_all() -> None:
+    assert score("qa_squad", "It is Paris.", ["paris", "the city of Paris"]) == 100.0
+    assert score("qa_hotpotqa", "London", ["Paris"]) == 0.0
+    assert score("niah_multikey", "123", ["123", "456"]) == 50.0
+
+
 def test_sentence_splitter() -> None:
     assert sentences("One. Two!  Three? four") == ["One.", "Two!", "Three?", "four"]
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_generators_fit_the_budget_and_hide_their_answers(task: str) -> None:
+def test_generators_fit_the_budget_and_hide_their_answers(
+    task: str, qa: dict[str, QACorpus]
+) -> None:
     hay = Haystack(TEXT, words)
-    sample = generate(task, hay, 600, seed=3)
+    sample = generate(task, hay, 600, seed=3, qa=qa)
     assert sample.task == task and sample.references
-    assert words(sample.prompt) <= 700
-    for ref in sample.references:
-        assert ref in sample.prompt, f"{task}: reference {ref} is not in the prompt"
-    assert generate(task, hay, 600, seed=3) == sample, "a seed gives one sample"
-    assert generate(task, hay, 600, seed=4).prompt != sample.prompt
+    assert 400 <= words(sample.prompt) <= 700, "the prompt fills its budget"
+    if task in QA_FILES:
+        assert any(ref in sample.prompt for ref in sample.references)
+        assert sample.meta["documents"] > 3, "distractor documents surround the golden one"
+    else:
+        for ref in sample.references:
+            assert ref in sample.prompt, f"{task}: reference {ref} is not in the prompt"
+    assert generate(task, hay, 600, seed=3, qa=qa) == sample, "a seed gives one sample"
+    assert generate(task, hay, 600, seed=4, qa=qa).prompt != sample.prompt
+
+
+def test_qa_questions_come_with_their_golden_documents(qa: dict[str, QACorpus]) -> None:
+    squad = qa["qa_squad"]
+    assert len(squad.questions) == 150, "unanswerable SQuAD questions are skipped"
+    for question in squad.questions[:20]:
+        (doc,) = question.golden
+        assert all(answer in squad.docs[doc] for answer in question.answers)
+        assert len(question.related) == 4, "the other paragraphs of the same article"
+    hotpot = qa["qa_hotpotqa"].questions[7]
+    assert len(hotpot.golden) == 2 and hotpot.answers == ["Founder7"]
+
+
+def test_qa_task_without_its_corpus_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"qa_squad needs its QA corpus \(squad.json\)"):
+        generate("qa_squad", Haystack(TEXT, words), 600, seed=0)
 
 
 def test_niah_multiquery_asks_for_every_key() -> None:
@@ -88,6 +171,9 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
             "--tasks",
             "niah_single",
             "vt",
+            "qa_squad",
+            "--qa-data",
+            str(write_qa_data(tmp_path / "qa")),
             "--configs",
             json.dumps(configs),
             "--engine-args",
@@ -105,6 +191,9 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
     assert set(report["table"]) == {"dense", "unisparse"}
     for per_length in report["table"].values():
         assert 0.0 <= per_length["512"]["average"] <= 100.0
-    sparse_stats = [r["stats"] for r in report["records"]["unisparse"] if "stats" in r]
-    assert sparse_stats and any(v["sparse_prefill_tokens"] for v in sparse_stats[0].values())
+    (sparse,) = [r for r in report["records"]["unisparse"] if "stats" in r]
+    assert any(v["sparse_prefill_tokens"] for v in sparse["stats"].values())
+    assert 0.0 < report["table"]["unisparse"]["512"]["density"] < 1.0
+    assert report["table"]["dense"]["512"]["density"] == 1.0
+    assert {r["task"] for r in report["records"]["dense"]} == {"niah_single", "vt", "qa_squad"}
     assert "average" in result.stdout

@@ -54,6 +54,10 @@ class SparseStats:
             target = Path(f"{path}.{os.getpid()}.json")
             target.write_text(json.dumps(self.snapshot()))
 
+    def reset(self) -> None:
+        """Start counting afresh (benchmarks measure one phase at a time)."""
+        self.layers.clear()
+
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {
             name: {**asdict(c), "mean_density": c.mean_density} for name, c in self.layers.items()
