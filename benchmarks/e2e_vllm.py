@@ -45,7 +45,14 @@ LLAMA_31_8B = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
-SPARSE_SMALL = {"min_sparse_tokens": 0, "block_size": 64, "tau": 1.0, "dense_layers": []}
+# Every prefill through estimator, selection and kernel (no dense fallback at density 1).
+SPARSE_SMALL = {
+    "min_sparse_tokens": 0,
+    "block_size": 64,
+    "tau": 1.0,
+    "dense_layers": [],
+    "dense_above_density": None,
+}
 
 
 def worker(spec: dict) -> dict:

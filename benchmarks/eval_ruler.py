@@ -29,6 +29,7 @@ from ruler import QA_FILES, TASKS, Haystack, QACorpus, generate, score
 
 MAX_TOKENS = {"cwe": 120, "fwe": 50, "vt": 30, "qa_squad": 32, "qa_hotpotqa": 32}
 DEFAULT_MAX_TOKENS = 40
+ANSWER_TOKENS = max(DEFAULT_MAX_TOKENS, *MAX_TOKENS.values())
 
 
 def haystack_text(path: Path) -> str:
@@ -60,7 +61,7 @@ def worker(spec: dict) -> list[dict]:
         for task in spec["tasks"]
         if task in QA_FILES
     }
-    kwargs: dict = {"model": spec["model"], "max_model_len": max(spec["lengths"]) + 256, "seed": 0}
+    kwargs: dict = {"model": spec["model"], "max_model_len": max(spec["lengths"]), "seed": 0}
     if spec.get("backend"):
         kwargs["attention_backend"] = spec["backend"]
         kwargs["additional_config"] = {"unisparse": spec.get("unisparse", {})}
@@ -73,7 +74,7 @@ def worker(spec: dict) -> list[dict]:
         num_layers = llm.llm_engine.model_config.hf_config.num_hidden_layers
     records: list[dict] = []
     for length in spec["lengths"]:
-        budget = length - DEFAULT_MAX_TOKENS - 64
+        budget = length - ANSWER_TOKENS - 64  # the prompt and its answer fit in ``length``
         samples = [
             generate(task, hay, budget, spec["seed"] + i, qa)
             for task in spec["tasks"]
@@ -127,6 +128,8 @@ def run_configs(specs: list[dict], parallel: int) -> dict[str, list[dict]]:
             stdout, stderr = proc.communicate()
             lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
+                for other in procs:
+                    other.kill()
                 raise SystemExit(f"config {spec['name']} failed:\n{stderr[-5000:]}")
             results[spec["name"]] = json.loads(lines[-1][len("RESULT ") :])
     return results

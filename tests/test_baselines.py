@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import random_batch
 
@@ -65,3 +66,18 @@ def test_config_estimator_picks_the_rule() -> None:
         query, kv, batch, config, budget, scale=0.25, estimator=xattention_block_mass
     )
     assert torch.equal(by_config.indices, explicit.indices)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU runs)")
+def test_baselines_keep_their_work_on_the_inputs_device() -> None:
+    """A CPU intermediate once made the XAttention rule crawl and the last-block rule fail
+    inside vLLM on the H200: the estimate must match the same estimate on the CPU."""
+    query, kv, batch = random_batch([300, 200], [0, 100], 4, 2, 16, seed=6)
+    cuda_kv = type(kv)(kv.keys.cuda(), kv.values.cuda(), kv.seq_start)
+    for estimator in (xattention_block_mass, last_block_block_mass):
+        on_cpu = estimator(query, kv, batch, [True, True], config=CONFIG, c_h=2, scale=0.25)
+        on_gpu = estimator(
+            query.cuda(), cuda_kv, batch, [True, True], config=CONFIG, c_h=2, scale=0.25
+        )
+        assert on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu)

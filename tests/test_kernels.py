@@ -11,7 +11,7 @@ from helpers import random_batch
 
 from unisparse_vllm import kernels
 from unisparse_vllm.config import resolve_config
-from unisparse_vllm.core import plan_prefill, relative_error, sparse_attention
+from unisparse_vllm.core import num_key_blocks, plan_prefill, relative_error, sparse_attention
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,8 +111,10 @@ def test_plan_through_the_fused_estimator_matches_the_reference_plan() -> None:
     config = resolve_config({"block_size": 64, "tau": 0.7, "min_sparse_tokens": 0})
     fused = kernels.plan_prefill(query, paged, batch, config, config.for_layer(0), scale=0.2)
     reference = plan_prefill(query, paged, batch, config, config.for_layer(0), scale=0.2)
+    width = max(num_key_blocks(s, 64) for s in batch.seq_lens)
     masks = [
-        (fused.block_mask(r, 8), reference.block_mask(r, 8)) for r in range(batch.num_requests)
+        (fused.block_mask(r, width), reference.block_mask(r, width))
+        for r in range(batch.num_requests)
     ]
     differing = sum(int((a != b).sum()) for a, b in masks)
     total = sum(a.numel() for a, _ in masks)

@@ -45,11 +45,12 @@ def xattention_block_mass(
         n, seq_len = q.shape[0], keys.shape[0]
         group = q.shape[1] // keys.shape[1]
         q = pool_heads(q.double(), c_h)  # [n, Hs, d]
-        k = keys.double()[:, torch.arange(q.shape[1]) * c_h // group]  # [L, Hs, d]
+        device = q.device
+        k = keys.double()[:, torch.arange(q.shape[1], device=device) * c_h // group]  # [L, Hs, d]
         # Pad both to whole strides at absolute positions; padded slots are masked below.
-        q_pad = torch.zeros(rows.stop * block - rows.start * block, *q.shape[1:], dtype=q.dtype)
+        q_pad = q.new_zeros(rows.stop * block - rows.start * block, *q.shape[1:])
         q_pad[context - rows.start * block : context - rows.start * block + n] = q
-        k_pad = torch.zeros(num_key_blocks(seq_len, block) * block, *k.shape[1:], dtype=k.dtype)
+        k_pad = k.new_zeros(num_key_blocks(seq_len, block) * block, *k.shape[1:])
         k_pad[:seq_len] = k
         hs, dim = q.shape[1], q.shape[2]
         q_cat = (
@@ -60,8 +61,9 @@ def xattention_block_mass(
         )
         k_cat = k_pad.view(-1, stride, hs, dim).permute(2, 0, 1, 3).reshape(hs, -1, stride * dim)
         scores = torch.einsum("hud,hvd->huv", q_cat, k_cat) * scale / stride
-        u_last = rows.start * block + torch.arange(q_cat.shape[1]) * stride + stride - 1
-        v_first = torch.arange(k_cat.shape[1]) * stride
+        u_last = rows.start * block + torch.arange(q_cat.shape[1], device=device) * stride
+        u_last += stride - 1
+        v_first = torch.arange(k_cat.shape[1], device=device) * stride
         visible = (v_first[None, :] <= u_last[:, None]) & (v_first[None, :] < seq_len)
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         per_block = probs.view(hs, probs.shape[1], -1, block // stride).sum(-1)
@@ -87,7 +89,10 @@ def last_block_block_mass(
         first_pos = context + q.shape[0] - last.shape[0]
         probs = exact_key_block_probs(last, keys, first_pos, block, scale).mean(dim=1)  # [Hq, kb]
         probs = probs.view(-1, c_h, probs.shape[1]).mean(dim=1)  # [Hs, kb]
-        causal = torch.arange(probs.shape[1])[None, :] <= torch.tensor(list(rows))[:, None]
+        key_blocks = torch.arange(probs.shape[1], device=q.device)
+        causal = (
+            key_blocks[None, :] <= torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+        )
         mass = probs[:, None, :] * causal[None]
         return mass / mass.sum(dim=2, keepdim=True).clamp(min=1e-30)
 
