@@ -154,22 +154,28 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
                 "density": density[0] if density else 1.0,
             }
         table[name] = per
+    reference = next(iter(table.values()))  # the first config, normally dense
+    for per in table.values():
+        for length, row in per.items():
+            base = reference[length]["average"]
+            row["of_reference"] = 100.0 * row["average"] / base if base else float("nan")
     return table
 
 
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
-    print(head + f"{'density':>9}")
+    print(head + f"{'% of 1st':>9}{'density':>9}")
     for name, per in table.items():
         for length in lengths:
             row = per[length]
             cells = "".join(f"{row[t]:>13.1f}" for t in columns)
-            print(f"{name:<24}{length:>8}{cells}{row['density']:>9.3f}")
+            print(f"{name:<24}{length:>8}{cells}{row['of_reference']:>9.1f}{row['density']:>9.3f}")
 
 
 def plot(table: dict, lengths: list[int], path: Path) -> None:
-    """Average score vs prompt length, and vs the selected density (one point per length)."""
+    """Average score vs prompt length; share of the first config's score vs the selected
+    density (one point per config and length)."""
     try:
         import matplotlib
 
@@ -181,13 +187,19 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
     for name, per in table.items():
         scores = [per[n]["average"] for n in lengths]
         by_length.plot(lengths, scores, "-o", label=name)
-        by_density.plot([per[n]["density"] for n in lengths], scores, "o", label=name)
+        by_density.plot(
+            [per[n]["density"] for n in lengths],
+            [per[n]["of_reference"] for n in lengths],
+            "o",
+            label=name,
+        )
     by_length.set_xscale("log", base=2)
     by_length.set_xlabel("prompt tokens")
     by_density.set_xlabel("selected density (1 = dense)")
+    by_length.set_ylabel("RULER-style average score")
+    by_length.set_ylim(0, 100)
+    by_density.set_ylabel(f"% of {next(iter(table))}'s score, same length")
     for ax in (by_length, by_density):
-        ax.set_ylabel("RULER-style average score")
-        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     by_length.legend(fontsize=8)
     fig.tight_layout()
@@ -205,7 +217,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--configs", default='[{"name": "dense"}]', help="JSON list of configs")
+    parser.add_argument(
+        "--configs",
+        default='[{"name": "dense"}]',
+        help="JSON list of configs; the first is the reference of the '%% of 1st' column",
+    )
     parser.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
     parser.add_argument("--qa-data", type=Path, help="folder with squad.json and hotpotqa.json")
     parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
