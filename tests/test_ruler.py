@@ -133,6 +133,34 @@ def test_niah_multiquery_asks_for_every_key() -> None:
     assert len(sample.references) == 4 and all(k in sample.prompt for k in sample.meta["keys"])
 
 
+def test_summary_scores_each_length_against_the_first_config() -> None:
+    from eval_ruler import summarize
+
+    def rec(task: str, length: int, score: float) -> dict:
+        return {"task": task, "length": length, "score": score}
+
+    results = {
+        "dense": [rec("vt", 64, 80.0), rec("vt", 64, 40.0), rec("cwe", 64, 30.0)],
+        "sparse": [
+            rec("vt", 64, 60.0),
+            rec("vt", 64, 40.0),
+            rec("cwe", 64, 15.0),
+            {"length": 64, "stats": {}, "density": 0.25},
+        ],
+    }
+    table = summarize(results, ["vt", "cwe"], [64])
+    assert table["dense"][64] == {
+        "vt": 60.0,
+        "cwe": 30.0,
+        "average": 45.0,
+        "density": 1.0,
+        "of_reference": 100.0,
+    }
+    assert table["sparse"][64]["average"] == 32.5
+    assert table["sparse"][64]["of_reference"] == pytest.approx(100 * 32.5 / 45)
+    assert table["sparse"][64]["density"] == 0.25
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
