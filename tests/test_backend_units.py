@@ -193,3 +193,24 @@ def test_dense_above_density_falls_back(monkeypatch, threshold, expect_dense) ->
     else:
         assert not output.isnan().any() and counters.sparse_prefill_tokens == 300
         assert counters.mean_density < 1.0
+
+
+def test_counters_are_exported_to_prometheus() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from unisparse_vllm.backend.stats import SparseStats
+
+    stats, layer = SparseStats(), "model.layers.7.self_attn.attn.prometheus-test"
+    stats.record(layer, sparse_tokens=300, dense_tokens=20, selected=6, causal=10)
+    stats.record(layer, sparse_tokens=100, dense_tokens=0, selected=2, causal=4)
+    exposed = prometheus_client.generate_latest().decode()
+
+    def value(metric: str, labels: str) -> float:
+        prefix = f"{metric}{{{labels}}} "
+        (line,) = [x for x in exposed.splitlines() if x.startswith(prefix)]
+        return float(line[len(prefix) :])
+
+    tokens = f'layer="{layer}",path='
+    assert value("unisparse:prefill_tokens_total", tokens + '"sparse"') == 400
+    assert value("unisparse:prefill_tokens_total", tokens + '"dense"') == 20
+    assert value("unisparse:selected_blocks_total", f'layer="{layer}"') == 8
+    assert value("unisparse:causal_blocks_total", f'layer="{layer}"') == 14

@@ -183,8 +183,14 @@ def test_openai_server(tiny_model: Path, tmp_path: Path) -> None:
     openai = pytest.importorskip("openai")
     port = _free_port()
     stats_path = tmp_path / "stats"
+    metrics_dir = tmp_path / "prometheus"  # how /metrics sees the engine process's counters
+    metrics_dir.mkdir()
     server = _serve(
-        tiny_model, port, {"unisparse": SPARSE_ON}, UNISPARSE_STATS_PATH=str(stats_path)
+        tiny_model,
+        port,
+        {"unisparse": SPARSE_ON},
+        UNISPARSE_STATS_PATH=str(stats_path),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
     try:
         _wait_ready(server, port)
@@ -217,7 +223,20 @@ def test_openai_server(tiny_model: Path, tmp_path: Path) -> None:
         written = list(tmp_path.glob("stats.*.json"))
         assert written, "the engine process wrote no UniSparse counters"
         counters = json.loads(written[0].read_text())
-        assert sum(layer["sparse_prefill_tokens"] for layer in counters.values()) > 0
+        sparse_tokens = sum(layer["sparse_prefill_tokens"] for layer in counters.values())
+        assert sparse_tokens > 0
+
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            exposed = reply.read().decode()
+        scraped = [
+            float(line.rsplit(" ", 1)[1])
+            for line in exposed.splitlines()
+            if line.startswith("unisparse:prefill_tokens_total{") and 'path="sparse"' in line
+        ]
+        assert len(scraped) == len(counters), "one sparse-token series per layer"
+        assert sum(scraped) >= sparse_tokens, "the scrape came after the file was written"
     finally:
         server.terminate()
         server.wait(timeout=60)

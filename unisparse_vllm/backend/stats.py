@@ -5,10 +5,16 @@ selection vs. densely, and the selected density. Logged at INFO at most every
 ``LOG_INTERVAL_S`` (the first at once). With ``UNISPARSE_STATS_PATH`` set, each worker also
 writes its counters as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and
 debugging; it costs one small file write per layer and step).
+
+The same counters are Prometheus counters (``PROMETHEUS_METRICS``). The engine runs in
+its own process, so vLLM's ``/metrics`` shows them when the server aggregates processes:
+with ``PROMETHEUS_MULTIPROC_DIR`` set (vLLM sets it itself for ``--api-server-count`` > 1)
+or with the engine in the server's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,6 +24,38 @@ from pathlib import Path
 
 logger = logging.getLogger("vllm.unisparse")  # a child of vLLM's configured logger
 LOG_INTERVAL_S = 30.0
+# name -> help; each is a counter labelled by layer (and ``path`` for the tokens).
+PROMETHEUS_METRICS = {
+    "unisparse:prefill_tokens": "Prefill tokens per attention layer, by path (sparse/dense).",
+    "unisparse:selected_blocks": "Key blocks the block plans selected (sparse path).",
+    "unisparse:causal_blocks": "Causal key blocks of the planned rows (selected <= causal).",
+}
+
+
+class _Prometheus:
+    """The counters (one set per process: prometheus_client registers names globally)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter
+
+        tokens, selected, causal = PROMETHEUS_METRICS
+        self.tokens = Counter(tokens, PROMETHEUS_METRICS[tokens], ["layer", "path"])
+        self.selected = Counter(selected, PROMETHEUS_METRICS[selected], ["layer"])
+        self.causal = Counter(causal, PROMETHEUS_METRICS[causal], ["layer"])
+
+    def record(
+        self, layer: str, *, sparse_tokens: int, dense_tokens: int, selected: int, causal: int
+    ) -> None:
+        self.tokens.labels(layer, "sparse").inc(sparse_tokens)
+        self.tokens.labels(layer, "dense").inc(dense_tokens)
+        self.selected.labels(layer).inc(selected)
+        self.causal.labels(layer).inc(causal)
+
+
+@functools.cache
+def prometheus() -> _Prometheus:
+    """Made on first use: only engine processes that run prefills export the counters."""
+    return _Prometheus()
 
 
 @dataclass
@@ -45,6 +83,13 @@ class SparseStats:
         counters.dense_prefill_tokens += dense_tokens
         counters.selected_blocks += selected
         counters.causal_blocks += causal
+        prometheus().record(
+            layer,
+            sparse_tokens=sparse_tokens,
+            dense_tokens=dense_tokens,
+            selected=selected,
+            causal=causal,
+        )
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL_S:
             self._last_log = now
