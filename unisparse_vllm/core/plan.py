@@ -85,6 +85,8 @@ class BatchMassEstimator(Protocol):
 
 
 RequestMass = Callable[[Tensor, Tensor, int, range], Tensor]
+# ``select_blocks``'s signature: (mass, query_block, budget, dense_rows) -> (counts, indices)
+Selector = Callable[[Tensor, Tensor, LayerBudget, Tensor | None], tuple[Tensor, Tensor]]
 
 
 def per_request_mass(
@@ -151,9 +153,10 @@ def plan_prefill(
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
     estimator: BatchMassEstimator | None = None,
+    selector: Selector = select_blocks,
 ) -> BlockPlan:
     """Estimate block mass (``estimator``, default: ``config.estimator``'s reference) and
-    select blocks for a whole prefill batch.
+    select blocks (``selector``) for a whole prefill batch.
 
     Dense rows (ALGORITHM.md sections 5-6): every row of a decode (one query token), of a
     request shorter than ``min_sparse_tokens`` or of a dense layer, and the last
@@ -181,7 +184,7 @@ def plan_prefill(
     else:
         width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
         mass = query.new_zeros(query.shape[1] // c_h, len(dense), width, dtype=torch.float32)
-    counts, indices = select_blocks(
+    counts, indices = selector(
         mass, row_block.to(query.device), budget, torch.tensor(dense, device=query.device)
     )
     return BlockPlan(

@@ -53,16 +53,37 @@ def plan_prefill(
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
 ) -> BlockPlan:
-    """``core.plan_prefill``; UniSparse's block mass through the fused kernel when Triton is
-    chosen (the peers' rules always run their PyTorch reference)."""
-    estimator = None
-    if config.estimator == "unisparse" and _triton_for(query):
-        from .estimate import batch_block_mass
+    """``core.plan_prefill`` with the Triton selection, and UniSparse's block mass through
+    the fused kernel, when Triton is chosen (the peers' rules run their PyTorch reference)."""
+    if not _triton_for(query):
+        return core.plan_prefill(
+            query, kv, batch, config, budget, scale=scale, prompt_lens=prompt_lens
+        )
+    from .estimate import batch_block_mass
+    from .select import select_blocks
 
-        estimator = batch_block_mass
     return core.plan_prefill(
-        query, kv, batch, config, budget, scale=scale, prompt_lens=prompt_lens, estimator=estimator
+        query,
+        kv,
+        batch,
+        config,
+        budget,
+        scale=scale,
+        prompt_lens=prompt_lens,
+        estimator=batch_block_mass if config.estimator == "unisparse" else None,
+        selector=select_blocks,
     )
+
+
+def select_blocks(
+    mass: Tensor, query_block: Tensor, budget: LayerBudget, dense_rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``core.select_blocks``; one Triton program per (head, row)."""
+    if _triton_for(mass):
+        from .select import select_blocks as triton_select_blocks
+
+        return triton_select_blocks(mass, query_block, budget, dense_rows)
+    return core.select_blocks(mass, query_block, budget, dense_rows)
 
 
 def sparse_attention(
