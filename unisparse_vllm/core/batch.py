@@ -85,6 +85,9 @@ class ContiguousKV:
         start = self.seq_start[request]
         return self.keys[start : start + length], self.values[start : start + length]
 
+    def request_keys(self, request: int, length: int) -> Tensor:
+        return self.keys_values(request, length)[0]
+
     def to_paged(
         self, batch: PrefillBatch, page_size: int, generator: torch.Generator | None = None
     ) -> PagedKV:
@@ -131,11 +134,17 @@ class PagedKV:
         return int(self.key_cache.shape[1])
 
     def keys_values(self, request: int, length: int) -> tuple[Tensor, Tensor]:
+        return self._gather(self.key_cache, request, length), self._gather(
+            self.value_cache, request, length
+        )
+
+    def request_keys(self, request: int, length: int) -> Tensor:
+        """Keys only (estimators never read values: half the gather)."""
+        return self._gather(self.key_cache, request, length)
+
+    def _gather(self, cache: Tensor, request: int, length: int) -> Tensor:
         pages = self.block_table[request, : math.ceil(length / self.page_size)].long()
-        heads, dim = self.key_cache.shape[2:]
-        keys = self.key_cache[pages].reshape(-1, heads, dim)[:length]
-        values = self.value_cache[pages].reshape(-1, heads, dim)[:length]
-        return keys, values
+        return cache[pages].reshape(-1, *cache.shape[2:])[:length]
 
 
 KVSource = ContiguousKV | PagedKV

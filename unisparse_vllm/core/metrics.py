@@ -52,7 +52,7 @@ def exact_attention(
 ) -> ExactAttention:
     probs = []
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
-        keys, _ = kv.keys_values(r, c + n)
+        keys = kv.request_keys(r, c + n)
         probs.append(exact_key_block_probs(query[batch.query_slice(r)], keys, c, block_size, scale))
     return ExactAttention(dense_attention(query, kv, batch, scale), probs)
 

@@ -107,7 +107,7 @@ def per_request_mass(
         rows = query_block_range(c, n, block_size)
         mass = query.new_zeros(num_sel_heads, len(rows), width, dtype=torch.float32)
         if estimated[r]:
-            keys, _ = kv.keys_values(r, c + n)
+            keys = kv.request_keys(r, c + n)
             got = mass_of(query[batch.query_slice(r)], keys, c, rows)
             mass[..., : got.shape[2]] = got.float()
         masses.append(mass)

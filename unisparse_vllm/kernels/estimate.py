@@ -186,7 +186,7 @@ def batch_block_mass(
             slot = first_row * q_per_block + q_first // c_q - rows.start * q_per_block
             q_slots[:, slot] = pooled.to(dot_dtype)
             q_last[slot] = last.to(torch.int32)
-            keys, _ = kv.keys_values(r, c + n)
+            keys = kv.request_keys(r, c + n)
             pooled_k, k_pos = composite_keys(keys.float(), c_k)
             k_slot = first_kb * k_per_block + k_pos // c_k
             k_slots[:, k_slot] = pooled_k.to(dot_dtype)
