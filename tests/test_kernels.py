@@ -65,10 +65,11 @@ def test_sparse_attention_matches_reference(case, tau: float) -> None:
 
 
 MASS_CASES = [
-    # query_lens, context_lens, estimated, Hq, Hkv, head_dim, block, c_q, c_k, c_h
-    ([300], [0], [True], 4, 2, 64, 64, 16, 16, None),
-    ([150, 90, 200], [40, 0, 130], [True, False, True], 4, 1, 32, 64, 8, 16, 2),
-    ([520], [0], [True], 2, 2, 80, 128, 16, 32, None),
+    # query_lens, context_lens, estimated, Hq, Hkv, head_dim, block, c_q, c_k, c_h, max_mix
+    ([300], [0], [True], 4, 2, 64, 64, 16, 16, None, 0.0),
+    ([150, 90, 200], [40, 0, 130], [True, False, True], 4, 1, 32, 64, 8, 16, 2, 0.0),
+    ([520], [0], [True], 2, 2, 80, 128, 16, 32, None, 0.0),
+    ([150, 90, 200], [40, 0, 130], [True, False, True], 4, 2, 32, 64, 8, 16, 1, 0.5),
 ]
 
 
@@ -77,7 +78,7 @@ def test_block_mass_kernel_matches_reference(case) -> None:
     from unisparse_vllm.core import batch_block_mass
     from unisparse_vllm.kernels.estimate import batch_block_mass as fused_block_mass
 
-    query_lens, context_lens, estimated, hq, hkv, dim, block, c_q, c_k, c_h = case
+    query_lens, context_lens, estimated, hq, hkv, dim, block, c_q, c_k, c_h, max_mix = case
     query_lens = [n * SCALE for n in query_lens]
     context_lens = [c * SCALE for c in context_lens]
     seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -89,7 +90,9 @@ def test_block_mass_kernel_matches_reference(case) -> None:
     paged = type(paged)(
         *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))
     )
-    config = resolve_config({"block_size": block, "c_q": c_q, "c_k": c_k, "c_h": c_h})
+    config = resolve_config(
+        {"block_size": block, "c_q": c_q, "c_k": c_k, "c_h": c_h, "max_mix": max_mix}
+    )
     c_h = config.heads_per_selection(hq, hkv)
     args = dict(config=config, c_h=c_h, scale=1 / math.sqrt(dim))
     expected = batch_block_mass(query, paged, batch, estimated, **args)

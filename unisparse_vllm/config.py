@@ -129,6 +129,14 @@ class UniSparseConfig(LayerBudget):
         description="Block scores: UniSparse composite tokens, or a peer's rule for comparison "
         "(XAttention-style antidiagonals, FlexPrefill-style last query block).",
     )
+    max_mix: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the peak term in the block mass: the largest composite-pair "
+        "probability per block pair, normalised per row (ALGORITHM.md section 7 guard; "
+        "UniSparse estimator only).",
+    )
     dense_above_density: float | None = Field(
         0.3,
         gt=0.0,

@@ -60,6 +60,17 @@ def composite_keys(keys: Tensor, c_k: int) -> tuple[Tensor, Tensor]:
     return pooled.transpose(0, 1), first
 
 
+def mix_peak(mass: Tensor, peak: Tensor, max_mix: float) -> Tensor:
+    """``(1 - max_mix) M + max_mix P / rowsum(P)``, ``P`` = largest composite-pair probability
+    per (query block, key block). Mean pooling over a block's composite queries dilutes
+    one query that locks onto one key block (ALGORITHM.md section 7); the peak term keeps
+    it. Rows still sum to 1."""
+    if max_mix == 0.0:
+        return mass
+    peak = peak / peak.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(peak.dtype).tiny)
+    return (1.0 - max_mix) * mass + max_mix * peak
+
+
 def block_mass(
     query: Tensor,
     keys: Tensor,
@@ -70,13 +81,15 @@ def block_mass(
     c_k: int,
     c_h: int,
     scale: float,
+    max_mix: float = 0.0,
 ) -> Tensor:
     """Estimated block mass ``M [Hq / c_h, query blocks of the chunk, key blocks]``.
 
     ``query`` is the chunk ``[n, Hq, d]`` at positions ``context_len ..``; ``keys`` are all
     ``context_len + n`` keys ``[L, Hkv, d]``. Softmax over composite keys whose first token is
     not after the composite query's last token; ``M[h, i, j]`` is the mean over block ``i``'s
-    composite queries of the softmax mass on block ``j``'s composite keys, so rows sum to 1.
+    composite queries of the softmax mass on block ``j``'s composite keys, so rows sum to 1;
+    ``max_mix > 0`` mixes in the peak term (``mix_peak``).
     """
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
     num_sel_heads = query.shape[1] // c_h
@@ -97,4 +110,13 @@ def block_mass(
     q_block = q_last // block_size - q_rows.start
     sums = probs.new_zeros(num_sel_heads, len(q_rows), n_kb).index_add_(1, q_block, per_key_block)
     counts = torch.bincount(q_block, minlength=len(q_rows)).to(work)
-    return sums / counts[None, :, None]
+    mass = sums / counts[None, :, None]
+    if max_mix == 0.0:
+        return mass
+    key_block = (k_first // block_size).expand(num_sel_heads, probs.shape[1], -1)
+    peak_per_query = probs.new_zeros(num_sel_heads, probs.shape[1], n_kb).scatter_reduce_(
+        2, key_block, probs, reduce="amax"
+    )
+    rows = q_block[None, :, None].expand(num_sel_heads, -1, n_kb)
+    peak = mass.new_zeros(mass.shape).scatter_reduce_(1, rows, peak_per_query, reduce="amax")
+    return mix_peak(mass, peak, max_mix)

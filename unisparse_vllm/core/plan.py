@@ -136,6 +136,7 @@ def batch_block_mass(
             c_k=config.c_k,
             c_h=c_h,
             scale=scale,
+            max_mix=config.max_mix,
         )
 
     return per_request_mass(

@@ -6,7 +6,8 @@ does the O(n (C+n) d / (c_q c_k)) part. Composite queries are laid out per plan 
 (``B / c_q`` slots per query block) and composite keys per key block (``B / c_k`` slots),
 so one program owns ``ROWS`` consecutive rows of one request and walks their causal key
 blocks twice: pass 1 finds each composite query's softmax max and sum (online), pass 2 sums
-probabilities per key block and averages them over each row's composite queries.
+probabilities per key block and averages them over each row's composite queries (and, for
+``max_mix``, keeps their largest one per block pair).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ..config import UniSparseConfig
 from ..core import KVSource, PrefillBatch, num_key_blocks, query_block_range
-from ..core.estimate import composite_keys, composite_queries
+from ..core.estimate import composite_keys, composite_queries, mix_peak
 from .attention import dot_precision
 
 # Composite queries / keys per program tile (a tl.dot needs 16 or more on each side).
@@ -35,6 +36,7 @@ def _block_mass_kernel(
     k_ptr,
     k_first_ptr,
     mass_ptr,
+    peak_ptr,
     tile_row_ptr,
     tile_rows_ptr,
     row_block_ptr,
@@ -56,6 +58,7 @@ def _block_mass_kernel(
     ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KEY_BLOCKS: tl.constexpr,
+    PEAK: tl.constexpr,
 ):
     sel = tl.program_id(0)
     tile = tl.program_id(1)
@@ -125,14 +128,15 @@ def _block_mass_kernel(
                 per_row = per_row / tl.where(valid_q == 0.0, 1.0, valid_q)[:, None]
                 offs_r = tl.arange(0, ROWS)
                 offs_b = kb + tl.arange(0, KEY_BLOCKS)
-                tl.store(
-                    mass_ptr
-                    + sel * stride_mh
-                    + (first_row + offs_r)[:, None] * stride_mrow
-                    + offs_b[None, :],
-                    per_row,
-                    mask=(offs_r[:, None] < num_rows) & (offs_b[None, :] < num_kb),
+                out = (
+                    sel * stride_mh + (first_row + offs_r)[:, None] * stride_mrow + offs_b[None, :]
                 )
+                in_tile = (offs_r[:, None] < num_rows) & (offs_b[None, :] < num_kb)
+                tl.store(mass_ptr + out, per_row, mask=in_tile)
+                if PEAK:
+                    peak = tl.max(tl.reshape(probs, [BM, KEY_BLOCKS, K_PER_BLOCK]), 2)
+                    peak = tl.max(tl.reshape(peak, [ROWS, Q_PER_BLOCK, KEY_BLOCKS]), 1)
+                    tl.store(peak_ptr + out, peak, mask=in_tile)
 
 
 def batch_block_mass(
@@ -202,6 +206,7 @@ def batch_block_mass(
         first_row += len(rows)
 
     mass = torch.zeros(num_sel, num_rows, width, dtype=torch.float32, device=device)
+    peak = torch.zeros_like(mass) if config.max_mix > 0 else mass
     tile_row = torch.tensor([t[0] for t in tiles], dtype=torch.int32, device=device)
     tile_rows = torch.tensor([t[1] for t in tiles], dtype=torch.int32, device=device)
     _block_mass_kernel[(num_sel, len(tiles))](
@@ -210,6 +215,7 @@ def batch_block_mass(
         k_slots,
         k_first,
         mass,
+        peak,
         tile_row,
         tile_rows,
         row_block,
@@ -231,6 +237,7 @@ def batch_block_mass(
         DOT_PRECISION=dot_precision(dot_dtype),
         ROWS=rows_per_tile,
         KEY_BLOCKS=TILE // k_per_block,
+        PEAK=config.max_mix > 0,
         num_warps=4,
     )
-    return mass
+    return mix_peak(mass, peak, config.max_mix)
