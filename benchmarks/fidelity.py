@@ -41,6 +41,15 @@ def long_prompt_ids(tokenizer, essays: Path, tokens: int) -> torch.Tensor:
     return ids
 
 
+METRICS = (
+    "density",
+    "mass_recall_mean",
+    "mass_recall_min",
+    "relative_error",
+    "rank_correlation_median",
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -53,6 +62,9 @@ def main() -> None:
     parser.add_argument("--composite", type=int, nargs="+", default=[8, 16, 32], help="c_q = c_k")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     parser.add_argument("--estimators", nargs="+", default=["unisparse"], choices=ESTIMATORS)
+    parser.add_argument("--max-mix", type=float, nargs="+", default=[0.0], help="guard weights")
+    parser.add_argument("--local-blocks", type=int, nargs="+", default=[1])
+    parser.add_argument("--c-h", type=int, help="query heads per selection (default: profile)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -63,77 +75,67 @@ def main() -> None:
     captured = capture_qkv(model, long_prompt_ids(tokenizer, args.essays, args.tokens))
     layers = args.layers if args.layers else list(range(len(captured)))
     batch = PrefillBatch.from_lens([args.tokens])
+    # One variant per point of the grid; rows and the summary are keyed by these fields.
+    variants = [
+        dict(zip(("estimator", "block", "c", "tau", "max_mix", "local_blocks"), v, strict=True))
+        for v in itertools.product(
+            args.estimators,
+            args.block_sizes,
+            args.composite,
+            args.taus,
+            args.max_mix,
+            args.local_blocks,
+        )
+    ]
 
     rows = []
     for layer in layers:
         query, keys, values = captured[layer]
         scale = 1 / math.sqrt(query.shape[-1])
         kv = ContiguousKV(keys, values, (0,))
-        for block in args.block_sizes:
-            exact = exact_attention(query, kv, batch, block, scale)
-            grid = itertools.product(args.estimators, args.composite, args.taus)
-            for name, c, tau in grid:
-                config = resolve_config(
-                    {
-                        "block_size": block,
-                        "c_q": c,
-                        "c_k": c,
-                        "tau": tau,
-                        "min_sparse_tokens": 0,
-                        "dense_tail_blocks": 0,
-                    }
-                )
-                c_h = config.heads_per_selection(query.shape[1], keys.shape[1])
-                estimator = ESTIMATORS[name]
-                estimate = estimator(query, kv, batch, [True], config=config, c_h=c_h, scale=scale)
-                plan = plan_prefill(
-                    query,
-                    kv,
-                    batch,
-                    config,
-                    config.for_layer(layer),
-                    scale=scale,
-                    estimator=estimator,
-                )
-                out = sparse_attention(query, kv, batch, plan, scale)
-                fid = fidelity(plan, batch, exact, out, [estimate])
-                row = {
-                    "layer": layer,
-                    "estimator": name,
-                    "block": block,
-                    "c": c,
-                    "tau": tau,
-                    **fid.__dict__,
+        exact = {b: exact_attention(query, kv, batch, b, scale) for b in args.block_sizes}
+        for variant in variants:
+            config = resolve_config(
+                {
+                    "block_size": variant["block"],
+                    "c_q": variant["c"],
+                    "c_k": variant["c"],
+                    "c_h": args.c_h,
+                    "tau": variant["tau"],
+                    "max_mix": variant["max_mix"],
+                    "local_blocks": variant["local_blocks"],
+                    "min_sparse_tokens": 0,
+                    "dense_tail_blocks": 0,
                 }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            )
+            c_h = config.heads_per_selection(query.shape[1], keys.shape[1])
+            estimator = ESTIMATORS[variant["estimator"]]
+            estimate = estimator(query, kv, batch, [True], config=config, c_h=c_h, scale=scale)
+            plan = plan_prefill(
+                query, kv, batch, config, config.for_layer(layer), scale=scale, estimator=estimator
+            )
+            out = sparse_attention(query, kv, batch, plan, scale)
+            fid = fidelity(plan, batch, exact[variant["block"]], out, [estimate])
+            row = {"layer": layer, **variant, **fid.__dict__}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
-    print(f"\n{args.model}: {args.tokens} tokens, median over layers {layers[0]}..{layers[-1]}")
+    print(f"\n{args.model}: {args.tokens} tokens, median over layers {layers}")
     print(
-        f"{'estimator':>10} {'block':>5} {'c':>3} {'tau':>5} {'density':>8} {'recall':>7} "
-        f"{'recall_min':>10} {'rel_err':>8} {'rank_corr':>9}"
+        f"{'estimator':>10} {'block':>5} {'c':>3} {'tau':>5} {'mix':>4} {'local':>5} "
+        f"{'density':>8} {'recall':>7} {'recall_min':>10} {'rel_err':>8} {'rank_corr':>9}"
     )
     summary = []
-    for name, block, c, tau in itertools.product(
-        args.estimators, args.block_sizes, args.composite, args.taus
-    ):
-        key = (name, block, c, tau)
-        sel = [r for r in rows if (r["estimator"], r["block"], r["c"], r["tau"]) == key]
-        med = {
-            k: statistics.median(r[k] for r in sel)
-            for k in (
-                "density",
-                "mass_recall_mean",
-                "mass_recall_min",
-                "relative_error",
-                "rank_correlation_median",
-            )
-        }
-        summary.append({"estimator": name, "block": block, "c": c, "tau": tau, **med})
+    for variant in variants:
+        sel = [r for r in rows if all(r[k] == v for k, v in variant.items())]
+        med = {k: statistics.median(r[k] for r in sel) for k in METRICS}
+        summary.append({**variant, **med})
         print(
-            f"{name:>10} {block:>5} {c:>3} {tau:>5.2f} {med['density']:>8.3f} "
-            f"{med['mass_recall_mean']:>7.4f} {med['mass_recall_min']:>10.4f} "
-            f"{med['relative_error']:>8.4f} {med['rank_correlation_median']:>9.3f}"
+            f"{variant['estimator']:>10} {variant['block']:>5} {variant['c']:>3} "
+            f"{variant['tau']:>5.2f} {variant['max_mix']:>4.2f} {variant['local_blocks']:>5} "
+            f"{med['density']:>8.3f} {med['mass_recall_mean']:>7.4f} "
+            f"{med['mass_recall_min']:>10.4f} {med['relative_error']:>8.4f} "
+            f"{med['rank_correlation_median']:>9.3f}"
         )
     if args.out:
         args.out.write_text(

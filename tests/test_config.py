@@ -18,14 +18,15 @@ from unisparse_vllm.config import (
 )
 
 
-def test_defaults_are_the_spec() -> None:
+def test_defaults_are_the_spec_where_measurements_did_not_change_it() -> None:
     config = resolve_config()
     assert (config.block_size, config.c_q, config.c_k, config.c_h) == (128, 16, 16, None)
+    # local_blocks: the spec says 1; 2 measured better (docs/METHOD.md, RESULTS.md section 3)
     assert (config.mode, config.tau, config.sink_blocks, config.local_blocks) == (
         "top_p",
         0.9,
         1,
-        1,
+        2,
     )
     assert (config.min_sparse_tokens, config.dense_tail_blocks) == (8192, 1)
 
@@ -93,7 +94,7 @@ def test_json_profile_file(tmp_path) -> None:
         ({"block_size": 96}, ["block_size = 96", "64", "128"]),
         ({"sink_blocks": -1}, ["sink_blocks = -1", "greater than or equal to 0"]),
         ({"local_blocks": 0}, ["local_blocks = 0"]),
-        ({"max_blocks": 1}, ["max_blocks=1", "sink_blocks + local_blocks = 2"]),
+        ({"max_blocks": 1}, ["max_blocks=1", "sink_blocks + local_blocks = 3"]),
         ({"dense_layers": [-2]}, ["dense_layers", "-2"]),
         ({"mode": "random"}, ["mode = 'random'", "top_p", "topk"]),
         ({"layer_overrides": [{"layers": ["3-1"], "tau": 0.5}]}, ["layer_overrides", "'3-1'"]),

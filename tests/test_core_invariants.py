@@ -43,7 +43,9 @@ def batches(draw: st.DrawFn) -> dict:
 
 
 def _config(**inline):
-    return resolve_config({"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, **inline})
+    # Toy requests have a handful of blocks: one local block leaves some to select.
+    base = {"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, "local_blocks": 1}
+    return resolve_config({**base, **inline})
 
 
 @SETTINGS

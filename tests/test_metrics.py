@@ -38,7 +38,9 @@ def test_attended_pairs_counts_causal_work() -> None:
 
 def test_fidelity_of_dense_and_sparse_plans() -> None:
     query, kv, batch = random_batch([256], [0], 4, 2, 16, seed=4)
-    config = resolve_config({"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0})
+    config = resolve_config(
+        {"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, "local_blocks": 1}
+    )
     exact = exact_attention(query, kv, batch, 64, 0.25)
     keys, _ = kv.keys_values(0, 256)
     estimate = [block_mass(query, keys, 0, block_size=64, c_q=8, c_k=8, c_h=2, scale=0.25)]

@@ -180,6 +180,8 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
                 "block_size": 64,
                 "c_q": 8,
                 "c_k": 8,
+                "mode": "topk",  # random weights attend flatly: top-p would keep every block
+                "density": 0.3,
                 "dense_above_density": None,
             },
         },

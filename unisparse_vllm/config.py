@@ -42,7 +42,7 @@ class LayerBudget(_Strict):
     )
     sink_blocks: int = Field(1, ge=0, description="First key blocks always selected.")
     local_blocks: int = Field(
-        1, ge=1, description="Key blocks up to and including the diagonal always selected."
+        2, ge=1, description="Key blocks up to and including the diagonal always selected."
     )
     min_blocks: int = Field(1, ge=1, description="Fewest key blocks per row.")
     max_blocks: int | None = Field(
