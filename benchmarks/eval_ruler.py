@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,31 +108,37 @@ def worker(spec: dict) -> list[dict]:
     return records
 
 
-def run_configs(specs: list[dict], parallel: int) -> dict[str, list[dict]]:
+def run_configs(specs: list[dict], parallel: int, work_dir: Path) -> dict[str, list[dict]]:
     """Each config in its own process (the engine's counters stay in it), ``parallel`` at
-    a time; a failed config stops the run with its stderr."""
+    a time. Each writes its records to ``work_dir/<n>.json`` and its log to ``<n>.log`` as it
+    finishes, so a config that fails (or a run cut short) loses only itself."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for start in range(0, len(specs), parallel):
-        wave = specs[start : start + parallel]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--worker", json.dumps(spec)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            for spec in wave
-        ]
-        for spec, proc in zip(wave, procs, strict=True):
-            stdout, stderr = proc.communicate()
-            lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                for other in procs:
-                    other.kill()
-                raise SystemExit(f"config {spec['name']} failed:\n{stderr[-5000:]}")
-            results[spec["name"]] = json.loads(lines[-1][len("RESULT ") :])
+        wave = list(enumerate(specs[start : start + parallel], start))
+        procs = []
+        for n, spec in wave:
+            spec = {**spec, "result_file": str(work_dir / f"{n}.json")}
+            with open(work_dir / f"{n}.log", "w") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--worker", json.dumps(spec)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
+        for (n, spec), proc in zip(wave, procs, strict=True):
+            result = work_dir / f"{n}.json"
+            if proc.wait() != 0 or not result.is_file():
+                log_tail = (work_dir / f"{n}.log").read_text()[-3000:]
+                print(
+                    f"config {spec['name']!r} failed (exit {proc.returncode}):\n{log_tail}",
+                    file=sys.stderr,
+                )
+                continue
+            results[spec["name"]] = json.loads(result.read_text())
     return results
 
 
@@ -228,7 +235,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, required=False)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        Path(spec["result_file"]).write_text(json.dumps(worker(spec)))
         return
     if not args.model or not args.haystack:
         parser.error("--model and --haystack are required")
@@ -253,15 +261,22 @@ def main() -> None:
         "seed": args.seed,
         "engine_args": engine_args,
     }
-    results = run_configs([{**base, **c} for c in json.loads(args.configs)], args.parallel)
+    configs = json.loads(args.configs)
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = args.out_dir / "configs" if args.out_dir else Path(tmp)
+        results = run_configs([{**base, **c} for c in configs], args.parallel, work_dir)
+    if not results:
+        raise SystemExit("every config failed")
     table = summarize(results, args.tasks, args.lengths)
     if args.out_dir:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "results.json").write_text(
             json.dumps({"args": base, "table": table, "records": results}, indent=1)
         )
         plot(table, args.lengths, args.out_dir / "accuracy.png")
     print_table(table, args.tasks, args.lengths)
+    failed = [c["name"] for c in configs if c["name"] not in results]
+    if failed:
+        raise SystemExit(f"failed configs (left out above): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

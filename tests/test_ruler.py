@@ -186,6 +186,7 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
             },
         },
     ]
+    configs.append({"name": "broken", "backend": "unisparse", "unisparse": {"tau": 1.7}})
     result = subprocess.run(
         [
             sys.executable,
@@ -216,7 +217,13 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
         timeout=900,
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # A config that fails costs only itself: the others are scored and written, the run
+    # exits non-zero naming it.
+    assert result.returncode != 0
+    assert "config 'broken' failed" in result.stderr, result.stderr[-3000:]
+    assert "failed configs (left out above): broken" in result.stderr
+    broken_log = next((tmp_path / "out" / "configs").glob("2.log")).read_text()
+    assert "tau = 1.7" in broken_log
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(report["table"]) == {"dense", "unisparse"}
     for per_length in report["table"].values():
