@@ -1,0 +1,59 @@
+#!/bin/bash
+# The GPU session's benchmark jobs, run in the background on the device machine so that
+# short calls can keep it warm (and carry model parts) while they run:
+#
+#   setsid nohup bash benchmarks/gpu_jobs.sh JOB... > /tmp/logs/jobs.log 2>&1 < /dev/null &
+#
+# JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
+# (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
+# ruler (eval_ruler on Qwen2.5-Coder-0.5B; waits for the GGUF parts in /tmp/gguf).
+# Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
+# (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
+# hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
+# results to /tmp/results; each finished job's files are complete on their own.
+set -u
+export PYTHONPATH=/tmp/vllm-site:/tmp/gguf-site VLLM_USE_FLASHINFER_SAMPLER=0
+export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=/tmp/vllm-site/bin:$PATH
+RESULTS=/tmp/results LOGS=/tmp/logs
+GGUF_PARTS=${GGUF_PARTS:-8}
+RULER_CONFIGS=${RULER_CONFIGS:-'[{"name": "dense (FA3)"}, {"name": "unisparse default", "backend": "unisparse"}]'}
+RULER_LENGTHS=${RULER_LENGTHS:-"4096 8192 16384 32768"}
+mkdir -p "$RESULTS" "$LOGS"
+cd "$(dirname "$0")/.."
+
+step() {
+    local name=$1
+    shift
+    echo "$(date +%T) start $name"
+    "$@" > "$LOGS/$name.log" 2>&1
+    echo "$(date +%T) end $name rc=$?"
+}
+
+for job in "$@"; do
+    case $job in
+    kernels)
+        step kernels timeout 400 python3 -m pytest -q -p no:cacheprovider \
+            tests/test_kernels.py tests/test_baselines.py tests/test_core_invariants.py ;;
+    bench)
+        step bench timeout 500 python3 benchmarks/bench_attention.py \
+            --seq 4096 32768 65536 131072 --out "$RESULTS/bench.json" ;;
+    cudagraphs)
+        step cudagraphs timeout 500 python3 benchmarks/e2e_vllm.py --skip serve ttft \
+            --cuda-graphs --out "$RESULTS/e2e_cudagraphs.json" ;;
+    ttft)
+        step ttft timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
+            --out "$RESULTS/e2e_ttft.json" ;;
+    ruler)
+        while [ "$(ls /tmp/gguf/part-* 2> /dev/null | wc -l)" -lt "$GGUF_PARTS" ]; do sleep 3; done
+        step convert bash -c "cat /tmp/gguf/part-* > /tmp/qwen.gguf && \
+            python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05"
+        # shellcheck disable=SC2086  # the lengths are words
+        step ruler timeout 1700 python3 benchmarks/eval_ruler.py --model /tmp/qwen05 \
+            --haystack /tmp/data/essays --qa-data /tmp/data/qa --samples 25 \
+            --lengths $RULER_LENGTHS --parallel 6 --engine-args '{"enforce_eager": true}' \
+            --configs "$RULER_CONFIGS" --out-dir "$RESULTS/ruler" ;;
+    *)
+        echo "unknown job $job" ;;
+    esac
+done
+echo ALLDONE
