@@ -101,8 +101,9 @@ def choose_layer_budget(
 
 
 def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> dict[str, Any]:
-    """Profile settings: the geometry measured with, the dense layers, and one ``tau``
-    override per sparse layer."""
+    """Profile settings: the geometry and forced blocks measured with (recall depends on
+    them, so a later change of defaults must not change the profile), the dense layers,
+    and one ``tau`` override per sparse layer."""
     dense = sorted(c.layer for c in choices if c.tau is None)
     overrides = [
         {"layers": [c.layer], "tau": c.tau}
@@ -114,6 +115,8 @@ def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> d
         "c_q": config.c_q,
         "c_k": config.c_k,
         "c_h": config.c_h,
+        "sink_blocks": config.sink_blocks,
+        "local_blocks": config.local_blocks,
         "dense_layers": dense,
         "layer_overrides": overrides,
     }
