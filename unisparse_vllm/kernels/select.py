@@ -104,8 +104,10 @@ def select_blocks(
         mode = _ALL  # tau = 1 is every causal block, whatever a float cumsum says
     else:
         mode = _TOP_P if budget.mode == "top_p" else _TOP_K
-    num_causal = (query_block.to(torch.float64) + 1).clamp(max=width)
-    row_total = torch.ceil(num_causal * budget.density).to(torch.int32)
+    row_total = query_block  # read by top-k only
+    if mode == _TOP_K:
+        num_causal = (query_block.to(torch.float64) + 1).clamp(max=width)
+        row_total = torch.ceil(num_causal * budget.density).to(torch.int32)
     dense = (
         torch.zeros(rows, dtype=torch.int8, device=device)
         if dense_rows is None
