@@ -70,11 +70,7 @@ def plan_prefill(
         budget,
         scale=scale,
         prompt_lens=prompt_lens,
-        estimator=(
-            batch_block_mass
-            if config.estimator == "unisparse" and isinstance(kv, PagedKV)
-            else None
-        ),
+        estimator=batch_block_mass if config.estimator == "unisparse" else None,
         selector=select_blocks,
     )
 
