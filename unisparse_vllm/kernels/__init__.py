@@ -60,7 +60,7 @@ def plan_prefill(
             query, kv, batch, config, budget, scale=scale, prompt_lens=prompt_lens
         )
     from .estimate import batch_block_mass
-    from .select import select_blocks
+    from .select import select_blocks as triton_select_blocks
 
     return core.plan_prefill(
         query,
@@ -71,7 +71,7 @@ def plan_prefill(
         scale=scale,
         prompt_lens=prompt_lens,
         estimator=batch_block_mass if config.estimator == "unisparse" else None,
-        selector=select_blocks,
+        selector=triton_select_blocks,
     )
 
 
