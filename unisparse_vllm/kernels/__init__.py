@@ -70,7 +70,11 @@ def plan_prefill(
         budget,
         scale=scale,
         prompt_lens=prompt_lens,
-        estimator=batch_block_mass if config.estimator == "unisparse" else None,
+        estimator=(
+            batch_block_mass
+            if config.estimator == "unisparse" and isinstance(kv, PagedKV)
+            else None
+        ),
         selector=triton_select_blocks,
     )
 

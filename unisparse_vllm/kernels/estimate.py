@@ -1,8 +1,10 @@
 """Block mass in the compressed space, fused: ``core.batch_block_mass`` without the
 ``(n / c_q) x ((C+n) / c_k)`` score matrix in memory.
 
-Pooling (an O(tokens x d) pass) stays in PyTorch and reuses ``core``'s functions; the kernel
-does the O(n (C+n) d / (c_q c_k)) part. Composite queries are laid out per plan row
+Three launches: composite keys pooled straight from the paged cache, composite queries
+pooled from the chunk (heads too), then the O(n (C+n) d / (c_q c_k)) block-mass kernel. Their
+index tables are built on the host from integers and copied in one transfer, so the cost
+does not grow with the number of requests. Composite queries are laid out per plan row
 (``B / c_q`` slots per query block) and composite keys per key block (``B / c_k`` slots),
 so one program owns ``ROWS`` consecutive rows of one request and walks their causal key
 blocks twice: pass 1 finds each composite query's softmax max and sum (online), pass 2 sums
@@ -20,13 +22,116 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config import UniSparseConfig
-from ..core import KVSource, PrefillBatch, num_key_blocks, query_block_range
-from ..core.estimate import composite_keys, composite_queries, mix_peak
+from ..core import KVSource, PagedKV, PrefillBatch, num_key_blocks, query_block_range
+from ..core.estimate import mix_peak
 from .attention import dot_precision
 
 # Composite queries / keys per program tile (a tl.dot needs 16 or more on each side).
 TILE = 64
 _NOT_VISIBLE = tl.constexpr(2**30)  # first-token position of an empty composite-key slot
+
+
+@triton.jit
+def _pool_keys_kernel(
+    key_cache_ptr,
+    block_table_ptr,
+    slot_request_ptr,
+    request_kb_ptr,
+    seq_len_ptr,
+    out_ptr,
+    first_ptr,
+    stride_cpage,
+    stride_ctok,
+    stride_chead,
+    stride_table,
+    stride_oh,
+    stride_os,
+    page_size,
+    C_K: tl.constexpr,
+    K_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Composite key ``slot`` of KV head ``head``: the mean of its ``c_k`` keys (fewer at the
+    sequence end), read through the block table; a slot past the sequence is not visible."""
+    head = tl.program_id(0)
+    slot = tl.program_id(1)
+    request = tl.load(slot_request_ptr + slot)
+    first = (slot - tl.load(request_kb_ptr + request) * K_PER_BLOCK) * C_K
+    seq_len = tl.load(seq_len_ptr + request)
+    pos = first + tl.arange(0, C_K)
+    in_seq = pos < seq_len
+    page = tl.load(block_table_ptr + request * stride_table + pos // page_size, mask=in_seq)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys = tl.load(
+        key_cache_ptr
+        + page.to(tl.int64)[:, None] * stride_cpage
+        + (pos % page_size)[:, None] * stride_ctok
+        + head * stride_chead
+        + offs_d[None, :],
+        mask=in_seq[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    count = tl.maximum(tl.sum(in_seq.to(tl.float32), 0), 1.0)
+    mean = tl.sum(keys.to(tl.float32), 0) / count
+    out = out_ptr + head * stride_oh + slot * stride_os + offs_d
+    tl.store(out, mean.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if head == 0:
+        tl.store(first_ptr + slot, tl.where(first < seq_len, first, _NOT_VISIBLE))
+
+
+@triton.jit
+def _pool_queries_kernel(
+    query_ptr,
+    row_request_ptr,
+    row_block_ptr,
+    request_ptr,
+    out_ptr,
+    last_ptr,
+    stride_qtok,
+    stride_qhead,
+    stride_oh,
+    stride_os,
+    C_Q: tl.constexpr,
+    C_H: tl.constexpr,
+    Q_PER_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Composite query ``slot`` (plan row ``slot // Q_PER_BLOCK``) of selection head ``sel``:
+    the mean over its ``c_q`` positions (those inside the chunk) and ``c_h`` query heads;
+    ``last`` = its last position, -1 for an empty slot or a request not estimated."""
+    sel = tl.program_id(0)
+    slot = tl.program_id(1)
+    row = slot // Q_PER_BLOCK
+    request = tl.load(row_request_ptr + row)
+    # Per request: context length, query length, first token row, estimated (0/1).
+    context = tl.load(request_ptr + request * 4)
+    chunk = tl.load(request_ptr + request * 4 + 1)
+    token_start = tl.load(request_ptr + request * 4 + 2)
+    estimated = tl.load(request_ptr + request * 4 + 3)
+    pos = tl.load(row_block_ptr + row) * BLOCK_SIZE + (slot % Q_PER_BLOCK) * C_Q
+    pos += tl.arange(0, C_Q)
+    in_chunk = (pos >= context) & (pos < context + chunk * estimated)  # none if not estimated
+    offs_d = tl.arange(0, BLOCK_D)
+    token = (token_start + pos - context).to(tl.int64)
+    total = tl.zeros([BLOCK_D], tl.float32)
+    for h in tl.static_range(C_H):
+        q = tl.load(
+            query_ptr
+            + token[:, None] * stride_qtok
+            + (sel * C_H + h) * stride_qhead
+            + offs_d[None, :],
+            mask=in_chunk[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+        total += tl.sum(q.to(tl.float32), 0)
+    count = tl.maximum(tl.sum(in_chunk.to(tl.float32), 0), 1.0) * C_H
+    out = out_ptr + sel * stride_oh + slot * stride_os + offs_d
+    tl.store(out, (total / count).to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if sel == 0:
+        tl.store(last_ptr + slot, tl.max(tl.where(in_chunk, pos, -1), 0))
 
 
 @triton.jit
@@ -149,77 +254,127 @@ def batch_block_mass(
     c_h: int,
     scale: float,
 ) -> Tensor:
-    """Same contract as ``core.plan.batch_block_mass``."""
+    """Same contract as ``core.plan.batch_block_mass``, for a paged cache."""
+    if not isinstance(kv, PagedKV):
+        raise TypeError(f"the fused estimator reads a paged KV cache, got {type(kv).__name__}")
     block_size, c_q, c_k = config.block_size, config.c_q, config.c_k
     q_per_block, k_per_block = block_size // c_q, block_size // c_k
     num_sel = query.shape[1] // c_h
     num_kv = kv.num_kv_heads
     device = query.device
-    rows_per_request = [
-        len(query_block_range(c, n, block_size))
-        for c, n in zip(batch.context_lens, batch.query_lens, strict=True)
-    ]
-    num_rows = sum(rows_per_request)
     width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
-    key_blocks = [
-        num_key_blocks(s, block_size) if e else 0
-        for s, e in zip(batch.seq_lens, estimated, strict=True)
-    ]
+
+    # Index tables from integers, one host-to-device copy. Per request: context, chunk,
+    # first token row, estimated (0/1), first key block in the composite-key slots; per plan
+    # row: request, query block, its request's first key block; per block-mass tile: first
+    # row and rows; per composite-key slot: request.
+    requests: list[int] = []
+    request_kb: list[int] = []
+    row_request: list[int] = []
+    row_block: list[int] = []
+    row_kb: list[int] = []
+    tile_row: list[int] = []
+    tile_rows: list[int] = []
+    key_slots: list[int] = []
+    rows_per_tile, first_kb = TILE // q_per_block, 0
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        blocks = query_block_range(c, n, block_size)
+        requests += [c, n, batch.query_start[r], int(estimated[r])]
+        request_kb.append(first_kb)
+        if estimated[r]:
+            starts = range(0, len(blocks), rows_per_tile)
+            tile_row += [len(row_block) + t for t in starts]
+            tile_rows += [min(rows_per_tile, len(blocks) - t) for t in starts]
+        row_request += [r] * len(blocks)
+        row_block += list(blocks)
+        row_kb += [first_kb] * len(blocks)
+        if estimated[r]:
+            kb = num_key_blocks(c + n, block_size)
+            key_slots += [r] * (kb * k_per_block)
+            first_kb += kb
+    parts = (
+        requests,
+        request_kb,
+        list(batch.seq_lens),
+        row_request,
+        row_block,
+        row_kb,
+        tile_row,
+        tile_rows,
+        key_slots,
+    )
+    table = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
+    (
+        request_t,
+        request_kb_t,
+        seq_len_t,
+        row_request_t,
+        row_block_t,
+        row_kb_t,
+        tile_row_t,
+        tile_rows_t,
+        key_slot_t,
+    ) = table.to(device, non_blocking=True).split([len(part) for part in parts])
+    num_rows = len(row_block)
 
     # Pool in fp32; the dot runs in the input dtype (tensor cores for bf16/fp16).
     dim, dot_dtype = query.shape[2], query.dtype
-    total_kb = max(sum(key_blocks), 1)
-    q_slots = query.new_zeros(num_sel, num_rows * q_per_block, dim)
-    q_last = torch.full((num_rows * q_per_block,), -1, dtype=torch.int32, device=device)
-    k_slots = query.new_zeros(num_kv, total_kb * k_per_block, dim)
-    k_first = torch.full(
-        (total_kb * k_per_block,), _NOT_VISIBLE.value, dtype=torch.int32, device=device
+    block_d = triton.next_power_of_2(dim)
+    q_slots = query.new_empty(num_sel, num_rows * q_per_block, dim)
+    q_last = torch.empty(num_rows * q_per_block, dtype=torch.int32, device=device)
+    _pool_queries_kernel[(num_sel, num_rows * q_per_block)](
+        query,
+        row_request_t,
+        row_block_t,
+        request_t,
+        q_slots,
+        q_last,
+        query.stride(0),
+        query.stride(1),
+        q_slots.stride(0),
+        q_slots.stride(1),
+        C_Q=c_q,
+        C_H=c_h,
+        Q_PER_BLOCK=q_per_block,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=dim,
+        BLOCK_D=block_d,
     )
-    row_block = torch.zeros(num_rows, dtype=torch.int32, device=device)
-    row_kb_offset = torch.zeros(num_rows, dtype=torch.int32, device=device)
-    tiles: list[tuple[int, int]] = []
-    rows_per_tile = TILE // q_per_block
-
-    first_row, first_kb = 0, 0
-    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
-        rows = query_block_range(c, n, block_size)
-        if estimated[r]:
-            chunk = query[batch.query_slice(r)].float()
-            pooled, q_first, last = composite_queries(chunk, c, c_q, c_h)
-            # Slot of each composite query, counted from the request's first row.
-            slot = first_row * q_per_block + q_first // c_q - rows.start * q_per_block
-            q_slots[:, slot] = pooled.to(dot_dtype)
-            q_last[slot] = last.to(torch.int32)
-            keys = kv.request_keys(r, c + n)
-            pooled_k, k_pos = composite_keys(keys.float(), c_k)
-            k_slot = first_kb * k_per_block + k_pos // c_k
-            k_slots[:, k_slot] = pooled_k.to(dot_dtype)
-            k_first[k_slot] = k_pos.to(torch.int32)
-            block_ids = torch.arange(rows.start, rows.stop, device=device, dtype=torch.int32)
-            row_block[first_row : first_row + len(rows)] = block_ids
-            row_kb_offset[first_row : first_row + len(rows)] = first_kb
-            tiles += [
-                (first_row + t, min(rows_per_tile, len(rows) - t))
-                for t in range(0, len(rows), rows_per_tile)
-            ]
-            first_kb += key_blocks[r]
-        first_row += len(rows)
-
+    k_slots = query.new_empty(num_kv, len(key_slots), dim)
+    k_first = torch.empty(len(key_slots), dtype=torch.int32, device=device)
+    _pool_keys_kernel[(num_kv, len(key_slots))](
+        kv.key_cache,
+        kv.block_table,
+        key_slot_t,
+        request_kb_t,
+        seq_len_t,
+        k_slots,
+        k_first,
+        kv.key_cache.stride(0),
+        kv.key_cache.stride(1),
+        kv.key_cache.stride(2),
+        kv.block_table.stride(0),
+        k_slots.stride(0),
+        k_slots.stride(1),
+        kv.page_size,
+        C_K=c_k,
+        K_PER_BLOCK=k_per_block,
+        HEAD_DIM=dim,
+        BLOCK_D=block_d,
+    )
     mass = torch.zeros(num_sel, num_rows, width, dtype=torch.float32, device=device)
     peak = torch.zeros_like(mass) if config.max_mix > 0 else mass
-    tile_row = torch.tensor([t[0] for t in tiles], dtype=torch.int32, device=device)
-    tile_rows = torch.tensor([t[1] for t in tiles], dtype=torch.int32, device=device)
-    _block_mass_kernel[(num_sel, len(tiles))](
+    _block_mass_kernel[(num_sel, len(tile_row))](
         q_slots,
         q_last,
         k_slots,
         k_first,
         mass,
         peak,
-        tile_row,
-        tile_rows,
-        row_block,
-        row_kb_offset,
+        tile_row_t,
+        tile_rows_t,
+        row_block_t,
+        row_kb_t,
         q_slots.stride(0),
         q_per_block * q_slots.stride(1),
         q_slots.stride(1),
