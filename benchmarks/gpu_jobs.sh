@@ -6,7 +6,9 @@
 #
 # JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
-# ruler (eval_ruler on Qwen2.5-Coder-0.5B; waits for the GGUF parts in /tmp/gguf).
+# convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
+# tp2 (e2e at tensor parallel 2: Qwen tokens vs FLASH_ATTN, serve and TTFT on Llama-8B
+# shapes), ruler (eval_ruler on Qwen; RULER_GPUS GPUs, RULER_PARALLEL engines at once).
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -18,6 +20,7 @@ RESULTS=/tmp/results LOGS=/tmp/logs
 GGUF_PARTS=${GGUF_PARTS:-8}
 RULER_CONFIGS=${RULER_CONFIGS:-'[{"name": "dense (FA3)"}, {"name": "unisparse default", "backend": "unisparse"}]'}
 RULER_LENGTHS=${RULER_LENGTHS:-"4096 8192 16384 32768"}
+RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-6}
 mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
 
@@ -43,14 +46,19 @@ for job in "$@"; do
     ttft)
         step ttft timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
             --out "$RESULTS/e2e_ttft.json" ;;
-    ruler)
+    convert)
         while [ "$(ls /tmp/gguf/part-* 2> /dev/null | wc -l)" -lt "$GGUF_PARTS" ]; do sleep 3; done
         step convert bash -c "cat /tmp/gguf/part-* > /tmp/qwen.gguf && \
-            python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05"
+            python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05" ;;
+    tp2)
+        step tp2 timeout 900 python3 benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 \
+            --serve-model llama-8b --out "$RESULTS/e2e_tp2.json" ;;
+    ruler)
         # shellcheck disable=SC2086  # the lengths are words
         step ruler timeout 1700 python3 benchmarks/eval_ruler.py --model /tmp/qwen05 \
             --haystack /tmp/data/essays --qa-data /tmp/data/qa --samples 25 \
-            --lengths $RULER_LENGTHS --parallel 6 --engine-args '{"enforce_eager": true}' \
+            --lengths $RULER_LENGTHS --parallel "$RULER_PARALLEL" --gpus "$RULER_GPUS" \
+            --engine-args '{"enforce_eager": true}' \
             --configs "$RULER_CONFIGS" --out-dir "$RESULTS/ruler" ;;
     *)
         echo "unknown job $job" ;;
