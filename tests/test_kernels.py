@@ -172,7 +172,7 @@ def test_selection_kernel_matches_the_reference(budget: dict, ties: bool) -> Non
     # the smaller selection's mass sits at tau (one block more or less, same blocks otherwise).
     for head, row in differing:
         h_r = (head, row)
-        picks = [set(ix[h_r][: c[h_r]].tolist()) for ix, c in ((indices, counts), expected)]
+        picks = [set(ix[h_r][: c[h_r]].tolist()) for c, ix in ((counts, indices), expected)]
         small, large = sorted(picks, key=len)
         assert small < large and len(large) == len(small) + 1, f"seed {seed}: {head, row}"
         at_cut = float(mass[head, row, sorted(small)].sum())
