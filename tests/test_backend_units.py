@@ -195,6 +195,24 @@ def test_dense_above_density_falls_back(monkeypatch, threshold, expect_dense) ->
         assert counters.mean_density < 1.0
 
 
+def test_counters_count_prefill_tokens_only(monkeypatch) -> None:
+    """A CPU batch holds decodes too: they are neither sparse nor dense prefill tokens."""
+    from unisparse_vllm.backend.common import prefill_work
+    from unisparse_vllm.backend.stats import STATS
+
+    layer = _sparse_layer(monkeypatch, tau=0.5, min_sparse_tokens=400, dense_above_density=None)
+    kv_cache = torch.randn(96, 2, 16, 32)  # 3 requests x 32 pages of 16 tokens, head_dim 16
+    # a decode of a long request, a long prefill (300 new tokens), a short prefill (50)
+    query_start = torch.tensor([0, 1, 301, 351])
+    seq_lens = torch.tensor([500, 450, 50])
+    work = prefill_work(query_start, seq_lens, torch.arange(96).view(3, 32), 0, 400)
+    query = torch.randn(351, 4 * 16)
+    name = "model.layers.1.attn.decode_and_prefills"
+    layer.forward(name, query, kv_cache, work, torch.empty_like(query), run_dense=lambda: None)
+    counters = STATS.layers[name]
+    assert (counters.sparse_prefill_tokens, counters.dense_prefill_tokens) == (300, 50)
+
+
 def test_counters_are_exported_to_prometheus() -> None:
     prometheus_client = pytest.importorskip("prometheus_client")
     from unisparse_vllm.backend.stats import SparseStats

@@ -139,26 +139,23 @@ class SparsePrefillLayer:
         # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
         selected, causal = plan.block_totals()
         threshold = self.config.dense_above_density
-        if threshold is not None and selected > threshold * causal:
+        fallback = threshold is not None and selected > threshold * causal
+        if fallback:
             run_dense()
-            STATS.record(
-                layer_name,
-                sparse_tokens=0,
-                dense_tokens=work.batch.num_tokens,
-                selected=causal,
-                causal=causal,
-            )
-            return
-        kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
-        long = [s >= self.config.min_sparse_tokens for s in work.batch.seq_lens]
-        sparse_tokens = sum(
-            n for n, is_long in zip(work.batch.query_lens, long, strict=True) if is_long
+        else:
+            kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
+        # Prefill tokens only: the CPU backend's batches also hold decodes (dense rows).
+        batch = work.batch
+        prefills = [(n, s) for n, s in zip(batch.query_lens, batch.seq_lens, strict=True) if n > 1]
+        prefill_tokens = sum(n for n, _ in prefills)
+        sparse_tokens = (
+            0 if fallback else sum(n for n, s in prefills if s >= self.config.min_sparse_tokens)
         )
         STATS.record(
             layer_name,
             sparse_tokens=sparse_tokens,
-            dense_tokens=work.batch.num_tokens - sparse_tokens,
-            selected=selected,
+            dense_tokens=prefill_tokens - sparse_tokens,
+            selected=causal if fallback else selected,
             causal=causal,
         )
 
