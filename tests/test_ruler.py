@@ -234,3 +234,29 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
     assert report["table"]["dense"]["512"]["density"] == 1.0
     assert {r["task"] for r in report["records"]["dense"]} == {"niah_single", "vt", "qa_squad"}
     assert "average" in result.stdout
+
+
+def test_parallel_configs_are_spread_over_the_gpus(tmp_path: Path, monkeypatch) -> None:
+    """``--gpus 2``: the n-th config's engine sees GPU ``n % 2`` only; one GPU: untouched."""
+    import eval_ruler
+
+    seen: dict[str, str | None] = {}
+
+    class FakeEngine:  # stands in for the worker process: records its GPU, writes a result
+        def __init__(self, argv: list[str], env: dict[str, str], **_: object) -> None:
+            spec = json.loads(argv[-1])
+            seen[spec["name"]] = env.get("CUDA_VISIBLE_DEVICES")
+            Path(spec["result_file"]).write_text("[]")
+            self.returncode = 0
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(eval_ruler.subprocess, "Popen", FakeEngine)
+    specs = [{"name": f"c{n}"} for n in range(5)]
+    results = eval_ruler.run_configs(specs, 3, tmp_path / "two", gpus=2)
+    assert set(results) == {f"c{n}" for n in range(5)}
+    assert seen == {"c0": "0", "c1": "1", "c2": "0", "c3": "1", "c4": "0"}
+    eval_ruler.run_configs(specs, 5, tmp_path / "one")
+    assert set(seen.values()) == {None}
