@@ -1,6 +1,7 @@
-"""Prefill attention on one GPU: FA3 (vLLM's build), torch SDPA flash (FA2), and UniSparse at
-fixed densities and end to end. Llama-3.1-8B head shapes, bf16, paged K/V (page 16,
-shuffled pages). Prints a table last; writes JSON (and a PNG if matplotlib is there).
+"""Prefill attention on one GPU: FA3 (vLLM's build), torch SDPA flash (FA2), FlexAttention
+with our plans as its block mask, and UniSparse at fixed densities and end to end.
+Llama-3.1-8B head shapes, bf16, paged K/V (page 16, shuffled pages; SDPA and FlexAttention
+read contiguous K/V). Prints a table last; writes JSON (and a PNG if matplotlib is there).
 
     python benchmarks/bench_attention.py --seq 8192 32768 131072 --out results.json
 """
@@ -25,6 +26,7 @@ from unisparse_vllm.synthetic import structured_qkv
 
 HQ, HKV, DIM, PAGE = 32, 8, 128, 16
 DENSITIES = (1.0, 0.3, 0.2, 0.1, 0.05)
+FLEX_DENSITIES = (1.0, 0.1)  # FlexAttention on the same plans (each density compiles anew)
 try:  # FA3 as vLLM builds it; without vLLM the FA3 column is left out
     import vllm.vllm_flash_attn  # noqa: F401
 
@@ -107,6 +109,49 @@ def sdpa_flash(query, keys, values, scale):
     return run
 
 
+def flex_block_mask(plan: BlockPlan, seq_len: int):
+    """``plan`` (one request, one-shot prefill) as FlexAttention's ``BlockMask`` over the
+    query heads: selected blocks left of the diagonal are full blocks, the diagonal block
+    a causal partial one. Plan and FlexAttention use the same block size. The mask function
+    also reads the selection, so the mask is exact where FlexAttention ignores the block
+    tables (its eager path); compiled, it runs on the diagonal blocks only."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows = plan.row_block.long()[None, :, None]  # [1, R, 1]
+    indices = plan.indices.long()
+    selected = torch.arange(indices.shape[-1], device=indices.device) < plan.counts[..., None]
+    # indices ascend, so the blocks left of the diagonal come first and the diagonal last
+    full_counts = (selected & (indices < rows)).sum(-1)
+    diagonal = (selected & (indices == rows)).any(-1)
+    diagonal_index = torch.zeros_like(indices)  # FlexAttention wants a full-width table
+    diagonal_index[..., 0] = rows[..., 0]
+
+    def per_query_head(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(plan.heads_per_selection, dim=0)[None].int().contiguous()
+
+    block = plan.block_size
+    chosen = plan.block_mask(0, indices.shape[-1]).repeat_interleave(plan.heads_per_selection, 0)
+
+    return BlockMask.from_kv_blocks(
+        per_query_head(diagonal),
+        per_query_head(diagonal_index),
+        per_query_head(full_counts),
+        per_query_head(indices.clamp(min=0)),
+        BLOCK_SIZE=plan.block_size,
+        mask_mod=lambda b, h, q, k: (q >= k) & chosen[h, q // block, k // block],
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+def flex(query, keys, values, scale, block_mask):
+    """One sequence, contiguous K/V, FlexAttention compiled (its fast path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (query, keys, values))
+    return lambda: compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
 def fixed_density_plan(batch: PrefillBatch, density: float, block: int, device) -> BlockPlan:
     """A top-k plan over random mass: the cost of attention at a given density."""
     config = resolve_config({"block_size": block, "mode": "topk", "density": density})
@@ -147,6 +192,12 @@ def scenario(name: str, query_lens: list[int], context_lens: list[int], args, ge
             lambda p=plan: kernels.sparse_attention(query, kv, batch, p, scale, out=out)
         )
         row[f"ours_d{density}_measured_density"] = plan.density()
+        if len(seq_lens) == 1 and context_lens == [0] and density in FLEX_DENSITIES:
+            try:  # a FlexAttention failure (compile, memory) costs its column, not the run
+                mask = flex_block_mask(plan, seq_lens[0])
+                row[f"flex_d{density}_ms"] = bench(flex(query, keys, values, scale, mask))
+            except Exception as err:
+                row[f"flex_d{density}_error"] = f"{type(err).__name__}: {err}"[:300]
 
     if len(seq_lens) == 1:  # end to end at tau = 0.9 on structured inputs
         s = seq_lens[0]
@@ -189,6 +240,7 @@ def scenario(name: str, query_lens: list[int], context_lens: list[int], args, ge
 def table(rows: list[dict]) -> str:
     cols = (
         ["fa3_ms", "sdpa_flash_ms"]
+        + [f"flex_d{d}_ms" for d in FLEX_DENSITIES]
         + [f"ours_d{d}_ms" for d in DENSITIES]
         + [
             "estimate_ms",
@@ -221,6 +273,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
     kernels.use("triton")
+    torch._dynamo.config.recompile_limit = 64  # FlexAttention compiles per shape and mask
     gen = torch.Generator().manual_seed(0)
     rows = [scenario(f"one-shot {s // 1024}K", [s], [0], args, gen) for s in args.seq]
     if not args.no_mixed:
