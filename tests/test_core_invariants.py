@@ -263,6 +263,22 @@ def test_min_and_max_blocks_bound_top_p() -> None:
     assert counts.item() == 2 and indices[0, 0, :2].tolist() == [0, 15]
 
 
+def test_layers_of_a_step_share_its_row_tables() -> None:
+    """The per-step tables are built once and shared by the step's layers: a dense layer in
+    between neither rebuilds nor alters them, and every sparse layer plans the same way."""
+    from unisparse_vllm.core.plan import step_rows
+
+    query, kv, batch = random_batch([300, 200], [0, 100], 2, 1, 8, seed=3)
+    config = _config(tau=0.3, dense_layers=[1])
+    step_rows.cache_clear()
+    first = plan_prefill(query, kv, batch, config, config.for_layer(0), scale=0.25)
+    dense = plan_prefill(query, kv, batch, config, config.for_layer(1), scale=0.25)
+    again = plan_prefill(query, kv, batch, config, config.for_layer(0), scale=0.25)
+    assert (step_rows.cache_info().misses, step_rows.cache_info().hits) == (1, 2)
+    assert dense.density() == 1.0 and first.density() < 1.0
+    assert torch.equal(first.counts, again.counts) and torch.equal(first.indices, again.indices)
+
+
 def test_dense_fallbacks() -> None:
     query, kv, batch = random_batch([300, 300], [0, 0], 2, 1, 8, seed=2)
     config = _config(tau=0.3, min_sparse_tokens=301, dense_layers=[3], dense_tail_blocks=2)

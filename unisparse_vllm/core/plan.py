@@ -4,6 +4,7 @@ flattened over the rows of a varlen batch."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -144,6 +145,50 @@ def batch_block_mass(
     )
 
 
+@dataclass(frozen=True)
+class StepRows:
+    """The rows of a prefill step, the same for every layer: ``row_request``/``row_block``
+    (as in ``BlockPlan``), ``dense [rows]`` (rows that take every causal block) and, per
+    request, whether it is estimated at all."""
+
+    row_request: Tensor
+    row_block: Tensor
+    dense: Tensor
+    estimated: tuple[bool, ...]
+
+
+@functools.lru_cache(maxsize=16)
+def step_rows(
+    batch: PrefillBatch,
+    block_size: int,
+    min_sparse_tokens: int,
+    dense_tail_blocks: int,
+    prompt_ends: tuple[int, ...],
+    device: torch.device,
+) -> StepRows:
+    """Built once per step, not per layer (FlashInfer's plan/run split): the tables cost
+    Python work and three host-to-device copies, as much as the selection kernel at 32K.
+    A pure function of its arguments, so cached; callers never write into the tensors.
+
+    Dense rows (ALGORITHM.md sections 5-6): every row of a decode (one query token) or of a
+    request shorter than ``min_sparse_tokens``, and the last ``dense_tail_blocks`` query
+    blocks before ``prompt_ends[r]``."""
+    row_request, row_block = request_rows(batch, block_size)
+    estimated, dense = [], []
+    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
+        tail_start = num_key_blocks(prompt_ends[r], block_size) - dense_tail_blocks
+        # A single query token is a decode step: it stays dense (spec section 5).
+        request_dense = n == 1 or c + n < min_sparse_tokens
+        estimated.append(not request_dense)
+        dense += [request_dense or i >= tail_start for i in query_block_range(c, n, block_size)]
+    return StepRows(
+        row_request.to(device),
+        row_block.to(device),
+        torch.tensor(dense, device=device),
+        tuple(estimated),
+    )
+
+
 def plan_prefill(
     query: Tensor,
     kv: KVSource,
@@ -159,10 +204,9 @@ def plan_prefill(
     """Estimate block mass (``estimator``, default: ``config.estimator``'s reference) and
     select blocks (``selector``) for a whole prefill batch.
 
-    Dense rows (ALGORITHM.md sections 5-6): every row of a decode (one query token), of a
-    request shorter than ``min_sparse_tokens`` or of a dense layer, and the last
-    ``dense_tail_blocks`` query blocks before ``prompt_lens[r]`` (default: the chunk's end,
-    the prompt end if unknown).
+    Dense rows: those of ``step_rows`` (decodes, short requests, the last
+    ``dense_tail_blocks`` query blocks before ``prompt_lens[r]``; default: the chunk's end,
+    the prompt end if unknown), and every row of a dense layer.
     """
     if estimator is None:
         from .baselines import ESTIMATORS  # the peers' rules build on this module
@@ -170,29 +214,27 @@ def plan_prefill(
         estimator = ESTIMATORS[config.estimator]
     block_size = config.block_size
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
-    prompt_ends = prompt_lens or batch.seq_lens
-    row_request, row_block = request_rows(batch, block_size)
-
-    estimated, dense = [], []
-    for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
-        tail_start = num_key_blocks(prompt_ends[r], block_size) - config.dense_tail_blocks
-        # A single query token is a decode step: it stays dense (spec section 5).
-        request_dense = budget.dense or n == 1 or c + n < config.min_sparse_tokens
-        estimated.append(not request_dense)
-        dense += [request_dense or i >= tail_start for i in query_block_range(c, n, block_size)]
+    rows = step_rows(
+        batch,
+        block_size,
+        config.min_sparse_tokens,
+        config.dense_tail_blocks,
+        prompt_lens or batch.seq_lens,
+        query.device,
+    )
+    estimated = [e and not budget.dense for e in rows.estimated]
+    dense = torch.ones_like(rows.dense) if budget.dense else rows.dense
     if any(estimated):
         mass = estimator(query, kv, batch, estimated, config=config, c_h=c_h, scale=scale)
     else:
         width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
         mass = query.new_zeros(query.shape[1] // c_h, len(dense), width, dtype=torch.float32)
-    counts, indices = selector(
-        mass, row_block.to(query.device), budget, torch.tensor(dense, device=query.device)
-    )
+    counts, indices = selector(mass, rows.row_block, budget, dense)
     return BlockPlan(
         block_size=block_size,
         heads_per_selection=c_h,
         counts=counts,
         indices=indices,
-        row_request=row_request.to(query.device),
-        row_block=row_block.to(query.device),
+        row_request=rows.row_request,
+        row_block=rows.row_block,
     )
