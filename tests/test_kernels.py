@@ -125,6 +125,27 @@ def test_plan_through_the_fused_estimator_matches_the_reference_plan() -> None:
     assert differing <= max(1, total // 100), f"seed {seed}: {differing} of {total} differ"
 
 
+def test_fused_estimator_tables_are_built_once_per_step() -> None:
+    """Two layers of one step (other queries and keys, same batch): the second reuses the
+    first's index tables and still computes its own block mass."""
+    from unisparse_vllm.kernels.estimate import batch_block_mass, index_tables
+
+    batch_lens = ([200 * SCALE, 90 * SCALE], [0, 60 * SCALE])
+    config = resolve_config({"block_size": 64, "min_sparse_tokens": 0})
+    index_tables.cache_clear()
+    for layer_seed in (1, 2):
+        query, kv, batch = random_batch(*batch_lens, 4, 2, 32, seed=layer_seed)
+        paged = kv.to_paged(batch, 16, torch.Generator().manual_seed(layer_seed))
+        paged = type(paged)(
+            *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))
+        )
+        args = (query.to(DEVICE), paged, batch, [True, True])
+        fused = batch_block_mass(*args, config=config, c_h=2, scale=0.2)
+        reference = kernels.core.batch_block_mass(*args, config=config, c_h=2, scale=0.2)
+        torch.testing.assert_close(fused.cpu(), reference.cpu(), atol=1e-5, rtol=1e-4)
+    assert (index_tables.cache_info().misses, index_tables.cache_info().hits) == (1, 1)
+
+
 def test_bad_kernel_choice_names_the_variable(monkeypatch) -> None:
     kernels.use(None)
     monkeypatch.setenv("UNISPARSE_KERNELS", "cuda")

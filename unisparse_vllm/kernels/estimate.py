@@ -14,6 +14,7 @@ probabilities per key block and averages them over each row's composite queries 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -244,30 +245,22 @@ def _block_mass_kernel(
                     tl.store(peak_ptr + out, peak, mask=in_tile)
 
 
-def batch_block_mass(
-    query: Tensor,
-    kv: KVSource,
+@functools.lru_cache(maxsize=16)
+def index_tables(
     batch: PrefillBatch,
-    estimated: Sequence[bool],
-    *,
-    config: UniSparseConfig,
-    c_h: int,
-    scale: float,
-) -> Tensor:
-    """Same contract as ``core.plan.batch_block_mass``, for a paged cache."""
-    if not isinstance(kv, PagedKV):
-        raise TypeError(f"the fused estimator reads a paged KV cache, got {type(kv).__name__}")
-    block_size, c_q, c_k = config.block_size, config.c_q, config.c_k
+    estimated: tuple[bool, ...],
+    block_size: int,
+    c_q: int,
+    c_k: int,
+    device: torch.device,
+) -> tuple[Tensor, ...]:
+    """The estimator's index tables, built from integers with one host-to-device copy, once
+    per step (the same for every layer; cached like ``core.plan.step_rows``). Per request:
+    context, chunk, first token row, estimated (0/1), first key block in the composite-key
+    slots; then the sequence lengths; per plan row: request, query block, its request's
+    first key block; per block-mass tile: first row and rows; per composite-key slot:
+    request."""
     q_per_block, k_per_block = block_size // c_q, block_size // c_k
-    num_sel = query.shape[1] // c_h
-    num_kv = kv.num_kv_heads
-    device = query.device
-    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
-
-    # Index tables from integers, one host-to-device copy. Per request: context, chunk,
-    # first token row, estimated (0/1), first key block in the composite-key slots; per plan
-    # row: request, query block, its request's first key block; per block-mass tile: first
-    # row and rows; per composite-key slot: request.
     requests: list[int] = []
     request_kb: list[int] = []
     row_request: list[int] = []
@@ -304,6 +297,31 @@ def batch_block_mass(
         key_slots,
     )
     table = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
+    table = table.to(device, non_blocking=True)
+    return tuple(table.split([len(part) for part in parts]))
+
+
+def batch_block_mass(
+    query: Tensor,
+    kv: KVSource,
+    batch: PrefillBatch,
+    estimated: Sequence[bool],
+    *,
+    config: UniSparseConfig,
+    c_h: int,
+    scale: float,
+) -> Tensor:
+    """Same contract as ``core.plan.batch_block_mass``, for a paged cache."""
+    if not isinstance(kv, PagedKV):
+        raise TypeError(f"the fused estimator reads a paged KV cache, got {type(kv).__name__}")
+    block_size, c_q, c_k = config.block_size, config.c_q, config.c_k
+    q_per_block, k_per_block = block_size // c_q, block_size // c_k
+    num_sel = query.shape[1] // c_h
+    num_kv = kv.num_kv_heads
+    device = query.device
+    width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
+
+    tables = index_tables(batch, tuple(estimated), block_size, c_q, c_k, device)
     (
         request_t,
         request_kb_t,
@@ -314,8 +332,8 @@ def batch_block_mass(
         tile_row_t,
         tile_rows_t,
         key_slot_t,
-    ) = table.to(device, non_blocking=True).split([len(part) for part in parts])
-    num_rows = len(row_block)
+    ) = tables
+    num_rows, num_key_slots, num_tiles = len(row_block_t), len(key_slot_t), len(tile_row_t)
 
     # Pool in fp32; the dot runs in the input dtype (tensor cores for bf16/fp16).
     dim, dot_dtype = query.shape[2], query.dtype
@@ -340,9 +358,9 @@ def batch_block_mass(
         HEAD_DIM=dim,
         BLOCK_D=block_d,
     )
-    k_slots = query.new_empty(num_kv, len(key_slots), dim)
-    k_first = torch.empty(len(key_slots), dtype=torch.int32, device=device)
-    _pool_keys_kernel[(num_kv, len(key_slots))](
+    k_slots = query.new_empty(num_kv, num_key_slots, dim)
+    k_first = torch.empty(num_key_slots, dtype=torch.int32, device=device)
+    _pool_keys_kernel[(num_kv, num_key_slots)](
         kv.key_cache,
         kv.block_table,
         key_slot_t,
@@ -364,7 +382,7 @@ def batch_block_mass(
     )
     mass = torch.zeros(num_sel, num_rows, width, dtype=torch.float32, device=device)
     peak = torch.zeros_like(mass) if config.max_mix > 0 else mass
-    _block_mass_kernel[(num_sel, len(tile_row))](
+    _block_mass_kernel[(num_sel, num_tiles)](
         q_slots,
         q_last,
         k_slots,
@@ -390,7 +408,7 @@ def batch_block_mass(
         Q_PER_BLOCK=q_per_block,
         K_PER_BLOCK=k_per_block,
         DOT_PRECISION=dot_precision(dot_dtype),
-        ROWS=rows_per_tile,
+        ROWS=TILE // q_per_block,
         KEY_BLOCKS=TILE // k_per_block,
         PEAK=config.max_mix > 0,
         num_warps=4,
