@@ -4,7 +4,15 @@ Nothing here imports vLLM. ``kernels`` provides the same functions, fast, on CUD
 """
 
 from .attention import dense_attention, sparse_attention
-from .batch import ContiguousKV, KVSource, PagedKV, PrefillBatch, num_key_blocks, query_block_range
+from .batch import (
+    ContiguousKV,
+    KVSource,
+    PagedKV,
+    PrefillBatch,
+    device_offsets,
+    num_key_blocks,
+    query_block_range,
+)
 from .estimate import block_mass, composite_keys, composite_queries, pool_heads
 from .metrics import (
     ExactAttention,
@@ -34,6 +42,7 @@ __all__ = [
     "composite_keys",
     "composite_queries",
     "dense_attention",
+    "device_offsets",
     "exact_attention",
     "exact_key_block_probs",
     "fidelity",

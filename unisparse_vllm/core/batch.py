@@ -3,6 +3,7 @@ and the two ways its keys/values can be stored (contiguous, or vLLM's paged cach
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import accumulate
@@ -58,6 +59,15 @@ class PrefillBatch:
 
     def query_slice(self, request: int) -> slice:
         return slice(self.query_start[request], self.query_start[request + 1])
+
+
+@functools.lru_cache(maxsize=16)
+def device_offsets(batch: PrefillBatch, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(query_start, context_lens)`` as int32 tensors on ``device``, copied once per step
+    rather than once per layer (callers only read them)."""
+    table = torch.tensor([*batch.query_start, *batch.context_lens], dtype=torch.int32)
+    query_start, context_lens = table.to(device).split([batch.num_requests + 1, batch.num_requests])
+    return query_start, context_lens
 
 
 def query_block_range(context_len: int, query_len: int, block_size: int) -> range:

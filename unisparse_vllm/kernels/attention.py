@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..core import BlockPlan, PagedKV, PrefillBatch
+from ..core import BlockPlan, PagedKV, PrefillBatch, device_offsets
 
 
 @triton.jit
@@ -249,9 +249,7 @@ def sparse_attention(
     out = torch.empty_like(query) if out is None else out
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // kv.num_kv_heads
-    device = query.device
-    query_start = torch.tensor(batch.query_start, device=device, dtype=torch.int32)
-    context_lens = torch.tensor(batch.context_lens, device=device, dtype=torch.int32)
+    query_start, context_lens = device_offsets(batch, query.device)
     key_cache, value_cache = kv.key_cache, kv.value_cache
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("head_dim must be the contiguous axis of query and the KV cache")
