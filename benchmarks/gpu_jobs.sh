@@ -8,7 +8,9 @@
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
 # tp2 (e2e at tensor parallel 2: Qwen tokens vs FLASH_ATTN, serve and TTFT on Llama-8B
-# shapes), ruler (eval_ruler on Qwen; RULER_GPUS GPUs, RULER_PARALLEL engines at once).
+# shapes), ruler (eval_ruler on Qwen with the RULER_SPEC file; RULER_LENGTHS overrides its
+# lengths, e.g. one length per run so that each finished length is kept; RULER_GPUS GPUs,
+# RULER_PARALLEL engines at once).
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -18,9 +20,8 @@ export PYTHONPATH=/tmp/vllm-site:/tmp/gguf-site VLLM_USE_FLASHINFER_SAMPLER=0
 export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=/tmp/vllm-site/bin:$PATH
 RESULTS=/tmp/results LOGS=/tmp/logs
 GGUF_PARTS=${GGUF_PARTS:-8}
-RULER_CONFIGS=${RULER_CONFIGS:-'[{"name": "dense (FA3)"}, {"name": "unisparse default", "backend": "unisparse"}]'}
-RULER_LENGTHS=${RULER_LENGTHS:-"4096 8192 16384 32768"}
-RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-6}
+RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
+RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
 
@@ -55,11 +56,10 @@ for job in "$@"; do
             --serve-model llama-8b --out "$RESULTS/e2e_tp2.json" ;;
     ruler)
         # shellcheck disable=SC2086  # the lengths are words
-        step ruler timeout 1700 python3 benchmarks/eval_ruler.py --model /tmp/qwen05 \
-            --haystack /tmp/data/essays --qa-data /tmp/data/qa --samples 25 \
-            --lengths $RULER_LENGTHS --parallel "$RULER_PARALLEL" --gpus "$RULER_GPUS" \
-            --engine-args '{"enforce_eager": true}' \
-            --configs "$RULER_CONFIGS" --out-dir "$RESULTS/ruler" ;;
+        step ruler timeout 1700 python3 benchmarks/eval_ruler.py --spec "$RULER_SPEC" \
+            --model /tmp/qwen05 --haystack /tmp/data/essays --qa-data /tmp/data/qa \
+            ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} --parallel "$RULER_PARALLEL" \
+            --gpus "$RULER_GPUS" --out-dir "$RESULTS/ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" ;;
     *)
         echo "unknown job $job" ;;
     esac

@@ -260,3 +260,49 @@ def test_parallel_configs_are_spread_over_the_gpus(tmp_path: Path, monkeypatch) 
     assert seen == {"c0": "0", "c1": "1", "c2": "0", "c3": "1", "c4": "0"}
     eval_ruler.run_configs(specs, 5, tmp_path / "one")
     assert set(seen.values()) == {None}
+
+
+def test_spec_file_sets_options_and_the_command_line_wins(tmp_path: Path) -> None:
+    from eval_ruler import parse_args
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "lengths: [1024, 2048]\nsamples: 3\ntasks: [niah_single, vt]\nhaystack: essays\n"
+        "engine_args: {enforce_eager: true}\n"
+        "configs:\n  - name: dense\n  - {name: sparse, backend: unisparse, unisparse: {tau: 0.8}}\n"
+    )
+    args, configs, engine_args = parse_args(["--spec", str(spec), "--model", "m", "--samples", "5"])
+    assert (args.lengths, args.samples, args.tasks) == ([1024, 2048], 5, ["niah_single", "vt"])
+    assert args.haystack == Path("essays") and engine_args == {"enforce_eager": True}
+    assert configs[1] == {"name": "sparse", "backend": "unisparse", "unisparse": {"tau": 0.8}}
+
+
+def test_shipped_spec_parses() -> None:
+    from eval_ruler import parse_args
+
+    spec = BENCH / "ruler_specs" / "qwen05.yaml"
+    args, configs, _ = parse_args(
+        ["--spec", str(spec), "--model", "m", "--haystack", "h", "--qa-data", "q"]
+    )
+    assert args.lengths == [16384, 32768] and "backend" not in configs[0]
+    assert len({c["name"] for c in configs}) == len(configs) > 1
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lenghts: [1024]\n", "unknown key(s) lenghts"),
+        ("tasks: [niah_single, sudoku]\n", "tasks: unknown sudoku"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("configs: [{backend: unisparse}]\n", "each with a name"),
+        ("configs: [{name: a}, {name: a, backend: unisparse}]\n", "unique: a repeats"),
+    ],
+)
+def test_bad_spec_file_is_refused_naming_the_problem(tmp_path: Path, capsys, text, message) -> None:
+    from eval_ruler import parse_args
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_args(["--spec", str(spec), "--model", "m", "--haystack", "h", "--qa-data", "q"])
+    assert message in capsys.readouterr().err
