@@ -6,12 +6,14 @@ size and ``tau`` measures per layer: selected density, attention-mass recall (me
 query), relative output error against exact attention, and the Spearman rank correlation of
 estimated against exact block mass. CPU is enough for the small models of EVAL-DATA.md.
 
-    python benchmarks/fidelity.py --model /models/smollm2 --essays DIR --tokens 4096
+    python benchmarks/fidelity.py --model /models/smollm2 --essays DIR --tokens 4096 \
+        --composite 8 16 8:16 --c-h 1 4 --taus 0.9 0.95 --out fid.json --plot fid.png
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -50,6 +52,49 @@ METRICS = (
 )
 
 
+GRID = ("estimator", "block", "c_q", "c_k", "c_h", "tau", "max_mix", "local_blocks")
+
+
+def composite_sizes(text: str) -> tuple[int, int]:
+    """``16`` (c_q = c_k = 16) or ``8:16`` (c_q 8, c_k 16)."""
+    c_q, _, c_k = text.partition(":")
+    try:
+        return int(c_q), int(c_k or c_q)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C or CQ:CK, got {text!r}") from None
+
+
+def label(variant: dict) -> str:
+    """The grid fields that vary, as a short legend entry."""
+    return " ".join(f"{k}={v}" for k, v in variant.items() if k != "estimator") + (
+        f" {variant['estimator']}" if variant["estimator"] != "unisparse" else ""
+    )
+
+
+def plot(rows: list[dict], variants: list[dict], path: Path) -> None:
+    """Per layer, each variant's selected density and mass recall (the issue's per-layer
+    view; the summary table has the medians)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (density_ax, recall_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    for variant in variants:
+        sel = [r for r in rows if all(r[k] == v for k, v in variant.items())]
+        layers = [r["layer"] for r in sel]
+        density_ax.plot(layers, [r["density"] for r in sel], "-o", ms=3, label=label(variant))
+        recall_ax.plot(layers, [r["mass_recall_mean"] for r in sel], "-o", ms=3)
+    density_ax.set_ylabel("selected density")
+    recall_ax.set_ylabel("attention-mass recall (mean over queries)")
+    for ax in (density_ax, recall_ax):
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    density_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,32 +104,49 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--layers", type=int, nargs="*", help="layer indices (default: all)")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[128])
-    parser.add_argument("--composite", type=int, nargs="+", default=[8, 16, 32], help="c_q = c_k")
+    parser.add_argument(
+        "--composite",
+        type=composite_sizes,
+        nargs="+",
+        default=[(8, 8), (16, 16), (32, 32)],
+        help="C (c_q = c_k = C) or CQ:CK",
+    )
     parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     parser.add_argument("--estimators", nargs="+", default=["unisparse"], choices=ESTIMATORS)
     parser.add_argument("--max-mix", type=float, nargs="+", default=[0.0], help="guard weights")
-    parser.add_argument("--local-blocks", type=int, nargs="+", default=[1])
-    parser.add_argument("--c-h", type=int, help="query heads per selection (default: profile)")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--local-blocks", type=int, nargs="+", help="forced local blocks (default: the config's)"
+    )
+    parser.add_argument(
+        "--c-h", type=int, nargs="+", help="query heads per selection (default: the profile's)"
+    )
+    parser.add_argument("--out", type=Path, help="JSON: every (layer, variant) row + summary")
+    parser.add_argument("--plot", type=Path, help="PNG: density and recall per layer")
     args = parser.parse_args()
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib (pip install -e '.[eval]')")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    profile = resolve_config(  # the model family's profile: defaults of c_h, local_blocks
+        model_type=model.config.model_type, architectures=model.config.architectures or ()
+    )
     captured = capture_qkv(model, long_prompt_ids(tokenizer, args.essays, args.tokens))
     layers = args.layers if args.layers else list(range(len(captured)))
     batch = PrefillBatch.from_lens([args.tokens])
     # One variant per point of the grid; rows and the summary are keyed by these fields.
     variants = [
-        dict(zip(("estimator", "block", "c", "tau", "max_mix", "local_blocks"), v, strict=True))
-        for v in itertools.product(
+        dict(zip(GRID, (e, b, c[0], c[1], h, t, m, lb), strict=True))
+        for e, b, c, h, t, m, lb in itertools.product(
             args.estimators,
             args.block_sizes,
             args.composite,
+            args.c_h or [profile.c_h],
             args.taus,
             args.max_mix,
-            args.local_blocks,
+            args.local_blocks or [profile.local_blocks],
         )
     ]
 
@@ -98,9 +160,9 @@ def main() -> None:
             config = resolve_config(
                 {
                     "block_size": variant["block"],
-                    "c_q": variant["c"],
-                    "c_k": variant["c"],
-                    "c_h": args.c_h,
+                    "c_q": variant["c_q"],
+                    "c_k": variant["c_k"],
+                    "c_h": variant["c_h"],
                     "tau": variant["tau"],
                     "max_mix": variant["max_mix"],
                     "local_blocks": variant["local_blocks"],
@@ -122,8 +184,9 @@ def main() -> None:
 
     print(f"\n{args.model}: {args.tokens} tokens, median over layers {layers}")
     print(
-        f"{'estimator':>10} {'block':>5} {'c':>3} {'tau':>5} {'mix':>4} {'local':>5} "
-        f"{'density':>8} {'recall':>7} {'recall_min':>10} {'rel_err':>8} {'rank_corr':>9}"
+        f"{'estimator':>10} {'block':>5} {'c_q':>3} {'c_k':>3} {'c_h':>4} {'tau':>5} {'mix':>4} "
+        f"{'local':>5} {'density':>8} {'recall':>7} {'recall_min':>10} {'rel_err':>8} "
+        f"{'rank_corr':>9}"
     )
     summary = []
     for variant in variants:
@@ -131,8 +194,9 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in sel) for k in METRICS}
         summary.append({**variant, **med})
         print(
-            f"{variant['estimator']:>10} {variant['block']:>5} {variant['c']:>3} "
-            f"{variant['tau']:>5.2f} {variant['max_mix']:>4.2f} {variant['local_blocks']:>5} "
+            f"{variant['estimator']:>10} {variant['block']:>5} {variant['c_q']:>3} "
+            f"{variant['c_k']:>3} {variant['c_h'] or '-':>4} {variant['tau']:>5.2f} "
+            f"{variant['max_mix']:>4.2f} {variant['local_blocks']:>5} "
             f"{med['density']:>8.3f} {med['mass_recall_mean']:>7.4f} "
             f"{med['mass_recall_min']:>10.4f} {med['relative_error']:>8.4f} "
             f"{med['rank_correlation_median']:>9.3f}"
@@ -144,6 +208,8 @@ def main() -> None:
                 indent=1,
             )
         )
+    if args.plot:
+        plot(rows, variants, args.plot)
 
 
 if __name__ == "__main__":
