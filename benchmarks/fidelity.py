@@ -64,11 +64,9 @@ def composite_sizes(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected C or CQ:CK, got {text!r}") from None
 
 
-def label(variant: dict) -> str:
-    """The grid fields that vary, as a short legend entry."""
-    return " ".join(f"{k}={v}" for k, v in variant.items() if k != "estimator") + (
-        f" {variant['estimator']}" if variant["estimator"] != "unisparse" else ""
-    )
+def label(variant: dict, varying: list[str]) -> str:
+    """The grid fields that vary between the variants, as a short legend entry."""
+    return " ".join(f"{k}={variant[k]}" for k in varying) or "the one variant"
 
 
 def plot(rows: list[dict], variants: list[dict], path: Path) -> None:
@@ -79,11 +77,14 @@ def plot(rows: list[dict], variants: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    varying = [k for k in GRID if len({v[k] for v in variants}) > 1]
     fig, (density_ax, recall_ax) = plt.subplots(1, 2, figsize=(12, 4))
     for variant in variants:
         sel = [r for r in rows if all(r[k] == v for k, v in variant.items())]
         layers = [r["layer"] for r in sel]
-        density_ax.plot(layers, [r["density"] for r in sel], "-o", ms=3, label=label(variant))
+        density_ax.plot(
+            layers, [r["density"] for r in sel], "-o", ms=3, label=label(variant, varying)
+        )
         recall_ax.plot(layers, [r["mass_recall_mean"] for r in sel], "-o", ms=3)
     density_ax.set_ylabel("selected density")
     recall_ax.set_ylabel("attention-mass recall (mean over queries)")
