@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 
 import pytest
@@ -211,6 +212,44 @@ def test_counters_count_prefill_tokens_only(monkeypatch) -> None:
     layer.forward(name, query, kv_cache, work, torch.empty_like(query), run_dense=lambda: None)
     counters = STATS.layers[name]
     assert (counters.sparse_prefill_tokens, counters.dense_prefill_tokens) == (300, 50)
+
+
+def test_a_failing_sparse_path_runs_the_step_densely(monkeypatch, caplog) -> None:
+    """on_error fallback: the step runs densely, the error is counted every time and logged
+    once per kind with its traceback; on_error raise: it propagates."""
+    from unisparse_vllm import kernels
+    from unisparse_vllm.backend.common import prefill_work
+    from unisparse_vllm.backend.stats import STATS
+
+    def broken_plan(*args, **kwargs):
+        raise RuntimeError("estimator kernel failed to compile (test)")
+
+    monkeypatch.setattr(kernels, "plan_prefill", broken_plan)
+    kv_cache = torch.randn(20, 2, 16, 32)
+    query = torch.randn(300, 4 * 16)
+    work = prefill_work(
+        torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
+    )
+    layer = _sparse_layer(monkeypatch)
+    name = "model.layers.1.attn.failing"
+    calls = []
+    logger = logging.getLogger("vllm.unisparse")  # vLLM's logger may not propagate to root
+    logger.addHandler(caplog.handler)
+    try:
+        for _ in range(2):
+            layer.forward(name, query, kv_cache, work, query.clone(), lambda: calls.append(1))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert len(calls) == 2
+    counters = STATS.layers[name]
+    assert (counters.sparse_errors, counters.dense_prefill_tokens) == (2, 600)
+    # one record, whether it reached the handler directly, through root, or both
+    logged = list({id(r): r for r in caplog.records if "sparse path of" in r.getMessage()}.values())
+    assert len(logged) == 1 and name in logged[0].getMessage() and logged[0].exc_info
+
+    strict = _sparse_layer(monkeypatch, on_error="raise")
+    with pytest.raises(RuntimeError, match="failed to compile"):
+        strict.forward(name, query, kv_cache, work, query.clone(), lambda: calls.append(1))
 
 
 def test_counters_are_exported_to_prometheus() -> None:

@@ -144,6 +144,11 @@ class UniSparseConfig(LayerBudget):
         description="A step whose selected density exceeds this runs dense (a dense kernel "
         "is faster there); null: never.",
     )
+    on_error: Literal["fallback", "raise"] = Field(
+        "fallback",
+        description="An exception in the sparse path of a step: run the step densely and log "
+        "it (counted in unisparse:sparse_errors_total), or raise (tests, debugging).",
+    )
     layer_overrides: list[LayerOverride] = Field(
         default_factory=list, description="Budget changes for some layers, later entries win."
     )

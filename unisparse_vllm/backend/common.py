@@ -4,6 +4,7 @@ sparse prefill (config resolved once, then plan + attend through ``kernels``).""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from ..config import LayerBudget, UniSparseConfig, config_from_vllm
 from ..core import PagedKV, PrefillBatch
 from .compat import split_kv_cache
 from .stats import STATS
+
+logger = logging.getLogger("vllm.unisparse")
+_REPORTED_ERRORS: set[tuple[str, str]] = set()  # (type, message) already logged here
 
 
 @dataclass(frozen=True)
@@ -135,15 +139,23 @@ class SparsePrefillLayer:
         q = query[rows].view(-1, self.num_heads, self.head_size)
         out = output[rows].view(-1, self.num_heads, self.head_size)
         budget = self.budget(layer_name)
-        plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
-        # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
-        selected, causal = plan.block_totals()
-        threshold = self.config.dense_above_density
-        fallback = threshold is not None and selected > threshold * causal
+        try:
+            plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
+            # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
+            selected, causal = plan.block_totals()
+            threshold = self.config.dense_above_density
+            fallback = threshold is not None and selected > threshold * causal
+            if not fallback:
+                kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
+        except Exception as err:
+            # The dense kernel recomputes every row of the step, so the request goes on
+            # (a CUDA fault would fail it too and stop the engine, as it must).
+            if self.config.on_error == "raise":
+                raise
+            self._report_error(layer_name, err)
+            fallback, selected, causal = True, 0, 0
         if fallback:
             run_dense()
-        else:
-            kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
         # Prefill tokens only: the CPU backend's batches also hold decodes (dense rows).
         batch = work.batch
         prefills = [(n, s) for n, s in zip(batch.query_lens, batch.seq_lens, strict=True) if n > 1]
@@ -158,6 +170,20 @@ class SparsePrefillLayer:
             selected=causal if fallback else selected,
             causal=causal,
         )
+
+    def _report_error(self, layer_name: str, err: Exception) -> None:
+        """Count every sparse-path error; log each kind once per process, with its traceback
+        (a persistent failure would otherwise log every layer of every step)."""
+        STATS.record_error(layer_name)
+        kind = (type(err).__name__, str(err)[:200])
+        if kind not in _REPORTED_ERRORS:
+            _REPORTED_ERRORS.add(kind)
+            logger.exception(
+                "UniSparse: the sparse path of %s failed; this step runs densely "
+                "(set on_error: raise to stop instead; later errors of this kind are only "
+                "counted, in unisparse:sparse_errors_total)",
+                layer_name,
+            )
 
 
 def dense_fallback_reason(

@@ -29,6 +29,7 @@ PROMETHEUS_METRICS = {
     "unisparse:prefill_tokens": "Prefill tokens per attention layer, by path (sparse/dense).",
     "unisparse:selected_blocks": "Key blocks the block plans selected (sparse path).",
     "unisparse:causal_blocks": "Causal key blocks of the planned rows (selected <= causal).",
+    "unisparse:sparse_errors": "Steps whose sparse path raised and that ran densely instead.",
 }
 
 
@@ -38,10 +39,11 @@ class _Prometheus:
     def __init__(self) -> None:
         from prometheus_client import Counter
 
-        tokens, selected, causal = PROMETHEUS_METRICS
+        tokens, selected, causal, errors = PROMETHEUS_METRICS
         self.tokens = Counter(tokens, PROMETHEUS_METRICS[tokens], ["layer", "path"])
         self.selected = Counter(selected, PROMETHEUS_METRICS[selected], ["layer"])
         self.causal = Counter(causal, PROMETHEUS_METRICS[causal], ["layer"])
+        self.errors = Counter(errors, PROMETHEUS_METRICS[errors], ["layer"])
 
     def record(
         self, layer: str, *, sparse_tokens: int, dense_tokens: int, selected: int, causal: int
@@ -64,6 +66,7 @@ class LayerCounters:
     dense_prefill_tokens: int = 0
     selected_blocks: int = 0
     causal_blocks: int = 0
+    sparse_errors: int = 0
 
     @property
     def mean_density(self) -> float:
@@ -98,6 +101,11 @@ class SparseStats:
         if path and sparse_tokens:
             target = Path(f"{path}.{os.getpid()}.json")
             target.write_text(json.dumps(self.snapshot()))
+
+    def record_error(self, layer: str) -> None:
+        """A step of ``layer`` whose sparse path raised (it ran densely; ``record`` follows)."""
+        self.layers.setdefault(layer, LayerCounters()).sparse_errors += 1
+        prometheus().errors.labels(layer).inc()
 
     def reset(self) -> None:
         """Start counting afresh (benchmarks measure one phase at a time)."""
