@@ -56,6 +56,7 @@ SPARSE_SMALL = {
     "tau": 1.0,
     "dense_layers": [],
     "dense_above_density": None,
+    "on_error": "raise",  # a failing sparse path fails the run instead of falling back
 }
 
 

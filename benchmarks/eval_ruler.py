@@ -67,7 +67,9 @@ def worker(spec: dict) -> list[dict]:
     kwargs: dict = {"model": spec["model"], "max_model_len": max(spec["lengths"]), "seed": 0}
     if spec.get("backend"):
         kwargs["attention_backend"] = spec["backend"]
-        kwargs["additional_config"] = {"unisparse": spec.get("unisparse", {})}
+        # A sparse-path error must fail the config, not score a dense fallback as sparse.
+        unisparse = {"on_error": "raise", **spec.get("unisparse", {})}
+        kwargs["additional_config"] = {"unisparse": unisparse}
     kwargs.update(spec.get("engine_args", {}))
     llm = LLM(**kwargs)
     sparse = spec.get("backend") == "unisparse"

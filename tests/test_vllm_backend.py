@@ -30,6 +30,7 @@ SPARSE_ON = {
     "dense_layers": [],
     "dense_tail_blocks": 0,
     "dense_above_density": None,  # the random tiny model selects densely: keep the sparse path
+    "on_error": "raise",  # a failing sparse path must fail the test, not fall back quietly
 }
 
 
@@ -74,6 +75,7 @@ def test_sparsity_off_matches_default_cpu_backend(tiny_model: Path, dense_refere
     tau_one = offline(tiny_model, "UniSparse", {**SPARSE_ON, "tau": 1.0})
     assert tau_one["tokens"] == dense_reference["tokens"]
     assert all(layer["mean_density"] == 1.0 for layer in tau_one["stats"].values())
+    assert all(layer["sparse_prefill_tokens"] > 0 for layer in tau_one["stats"].values())
 
 
 def test_sparse_path_runs_and_stays_close(tiny_model: Path, dense_reference: dict) -> None:
