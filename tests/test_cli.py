@@ -65,3 +65,34 @@ def test_shipped_example_profile_is_valid() -> None:
 
     example = Path(__file__).parents[1] / "deploy" / "profile-example.yaml"
     assert main(["config", "validate", str(example)]) == 0
+
+
+def test_serve_script_refuses_a_bad_profile_before_starting_vllm(tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tau: 1.7\n")
+    # a `vllm` on PATH that records being started: it must not be
+    marker = tmp_path / "vllm-started"
+    fake_vllm = tmp_path / "bin" / "vllm"
+    fake_vllm.parent.mkdir()
+    fake_vllm.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake_vllm.chmod(0o755)
+    path = f"{fake_vllm.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    script = Path(__file__).parents[1] / "deploy" / "serve.sh"
+    result = subprocess.run(
+        ["bash", str(script), "some/model", str(bad)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+    )
+    assert result.returncode != 0 and "tau = 1.7" in result.stdout + result.stderr
+    assert not marker.exists()
+    ok = subprocess.run(
+        ["bash", str(script), "some/model"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+    )
+    assert ok.returncode == 0 and marker.exists(), ok.stderr  # the example profile passes
