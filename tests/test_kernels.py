@@ -33,6 +33,8 @@ CASES = [
     ([200], [100], 2, 2, 80, 64, 16, torch.float32, None),  # head dim not a power of two
     ([260], [0], 2, 1, 64, 128, 16, torch.float16, None),
     ([280], [40], 6, 2, 32, 64, 16, torch.float32, 1),  # one selection per query head
+    ([200], [130], 4, 2, 64, 64, 128, torch.float16, None),  # pages larger than blocks
+    ([150], [40], 2, 1, 32, 128, 8, torch.float32, None),  # pages smaller than c_k
 ]
 
 
@@ -101,12 +103,13 @@ def test_block_mass_kernel_matches_reference(case) -> None:
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"seed {seed}")
 
 
-def test_plan_through_the_fused_estimator_matches_the_reference_plan() -> None:
+@pytest.mark.parametrize("page", [8, 16, 128])
+def test_plan_through_the_fused_estimator_matches_the_reference_plan(page: int) -> None:
     seed = int(torch.randint(0, 2**31 - 1, ()))
     query, kv, batch = random_batch(
         [260 * SCALE, 130 * SCALE], [0, 70 * SCALE], 4, 2, 32, dtype=torch.float32, seed=seed
     )
-    paged = kv.to_paged(batch, 16, torch.Generator().manual_seed(seed))
+    paged = kv.to_paged(batch, page, torch.Generator().manual_seed(seed))
     query = query.to(DEVICE)
     paged = type(paged)(
         *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))
