@@ -62,6 +62,7 @@ SPARSE_SMALL = {
 
 def worker(spec: dict) -> dict:
     """One engine, one job; runs in a child process."""
+    from tiny_model import corpus
     from vllm import LLM, SamplingParams
 
     kwargs = dict(
@@ -77,7 +78,12 @@ def worker(spec: dict) -> dict:
         llm = LLM(
             **kwargs, max_model_len=4096, max_num_batched_tokens=256, enable_prefix_caching=True
         )
-        prompts = ["the quick brown fox " * k for k in (2, 30, 120)]
+        # varied text, so that a real model's continuations differ between prompts
+        prompts = [
+            "Write a Python function that tells whether a number is prime.",
+            " ".join(corpus(12)),
+            "Summarize this text in one sentence: " + " ".join(corpus(60)),
+        ]
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
         result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
     else:  # ttft
