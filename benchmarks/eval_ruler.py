@@ -47,6 +47,15 @@ def compute_density(stats: dict[str, dict], num_layers: int) -> float:
     return (sum(sparse_layers) + num_layers - len(sparse_layers)) / num_layers
 
 
+def fallback_share(stats: dict[str, dict]) -> float:
+    """Share of the sparse-path layers' prefill tokens that ran dense: steps whose selection
+    exceeded ``dense_above_density`` (or errors), and requests below ``min_sparse_tokens``
+    batched with long ones. The density counts those as 1; this says how much of it they are."""
+    sparse = sum(v["sparse_prefill_tokens"] for v in stats.values())
+    dense = sum(v["dense_prefill_tokens"] for v in stats.values())
+    return dense / (sparse + dense) if sparse + dense else 0.0
+
+
 def worker(spec: dict) -> list[dict]:
     """Generate every sample of ``spec`` with one engine; returns one record per sample, and
     per length one ``stats`` record (UNISPARSE counters over that length's prompts)."""
@@ -162,11 +171,12 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
                 )
                 for task in tasks
             }
-            density = [r["density"] for r in records if "density" in r and r["length"] == length]
+            counted = [r for r in records if "density" in r and r["length"] == length]
             per[length] = {
                 **by_task,
                 "average": statistics.mean(by_task.values()),
-                "density": density[0] if density else 1.0,
+                "density": counted[0]["density"] if counted else 1.0,
+                "fallback": fallback_share(counted[0]["stats"]) if counted else 0.0,
             }
         table[name] = per
     reference = next(iter(table.values()))  # the first config, normally dense
@@ -180,12 +190,13 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
-    print(head + f"{'% of 1st':>9}{'density':>9}")
+    print(head + f"{'% of 1st':>9}{'density':>9}{'fallback':>9}")
     for name, per in table.items():
         for length in lengths:
             row = per[length]
             cells = "".join(f"{row[t]:>13.1f}" for t in columns)
-            print(f"{name:<24}{length:>8}{cells}{row['of_reference']:>9.1f}{row['density']:>9.3f}")
+            tail = f"{row['of_reference']:>9.1f}{row['density']:>9.3f}{row['fallback']:>9.3f}"
+            print(f"{name:<24}{length:>8}{cells}{tail}")
 
 
 def plot(table: dict, lengths: list[int], path: Path) -> None:

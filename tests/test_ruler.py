@@ -133,6 +133,13 @@ def test_niah_multiquery_asks_for_every_key() -> None:
     assert len(sample.references) == 4 and all(k in sample.prompt for k in sample.meta["keys"])
 
 
+# counters of a 600-token prompt: layer 0 ran sparse, layer 1 fell back for half of it
+STATS_OF_TWO_LAYERS = {
+    "layer.0": {"sparse_prefill_tokens": 600, "dense_prefill_tokens": 0},
+    "layer.1": {"sparse_prefill_tokens": 300, "dense_prefill_tokens": 300},
+}
+
+
 def test_summary_scores_each_length_against_the_first_config() -> None:
     from eval_ruler import summarize
 
@@ -145,7 +152,7 @@ def test_summary_scores_each_length_against_the_first_config() -> None:
             rec("vt", 64, 60.0),
             rec("vt", 64, 40.0),
             rec("cwe", 64, 15.0),
-            {"length": 64, "stats": {}, "density": 0.25},
+            {"length": 64, "stats": STATS_OF_TWO_LAYERS, "density": 0.25},
         ],
     }
     table = summarize(results, ["vt", "cwe"], [64])
@@ -154,11 +161,13 @@ def test_summary_scores_each_length_against_the_first_config() -> None:
         "cwe": 30.0,
         "average": 45.0,
         "density": 1.0,
+        "fallback": 0.0,
         "of_reference": 100.0,
     }
     assert table["sparse"][64]["average"] == 32.5
     assert table["sparse"][64]["of_reference"] == pytest.approx(100 * 32.5 / 45)
     assert table["sparse"][64]["density"] == 0.25
+    assert table["sparse"][64]["fallback"] == pytest.approx(300 / 1200)  # layer 1's step fell back
 
 
 @pytest.mark.vllm
