@@ -23,7 +23,10 @@ from .config import UniSparseConfig
 from .core import ContiguousKV, PrefillBatch, exact_key_block_probs, plan_prefill
 from .core.metrics import mass_recall
 
-DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+# Fine steps near the top: on Qwen2.5-Coder-0.5B at 16K, the grid without 0.92-0.97 jumped
+# from 0.95 to 0.98 and overshot (recall 0.963 for a 0.95 target, sparse-layer density
+# 0.320); this grid meets the same target at 0.955 recall and density 0.284.
+DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
 
 
 def capture_qkv(model: Any, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
