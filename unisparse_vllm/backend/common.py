@@ -35,6 +35,10 @@ class PrefillWork:
     batch: PrefillBatch
     block_table: Tensor
     long_requests: int  # requests of at least min_sparse_tokens (those that get estimated)
+    # Prefill tokens (decodes excluded: the CPU backend's batches hold them too), and those
+    # of long requests: what the counters report per layer as the sparse path's tokens.
+    prefill_tokens: int
+    long_prefill_tokens: int
 
     @property
     def token_slice(self) -> slice:
@@ -67,12 +71,15 @@ def prefill_work(
     if not query_lens:
         return None
     context_lens = [s - n for s, n in zip(seq_lens, query_lens, strict=True)]
+    prefills = [(n, s) for n, s in zip(query_lens, seq_lens, strict=True) if n > 1]
     return PrefillWork(
         first_request=first_request,
         first_token=starts[first_request],
         batch=PrefillBatch.from_lens(query_lens, context_lens),
         block_table=block_table[first_request : first_request + num_requests],
         long_requests=sum(s >= min_sparse_tokens for s in seq_lens),
+        prefill_tokens=sum(n for n, _ in prefills),
+        long_prefill_tokens=sum(n for n, s in prefills if s >= min_sparse_tokens),
     )
 
 
@@ -156,17 +163,11 @@ class SparsePrefillLayer:
             fallback, selected, causal = True, 0, 0
         if fallback:
             run_dense()
-        # Prefill tokens only: the CPU backend's batches also hold decodes (dense rows).
-        batch = work.batch
-        prefills = [(n, s) for n, s in zip(batch.query_lens, batch.seq_lens, strict=True) if n > 1]
-        prefill_tokens = sum(n for n, _ in prefills)
-        sparse_tokens = (
-            0 if fallback else sum(n for n, s in prefills if s >= self.config.min_sparse_tokens)
-        )
+        sparse_tokens = 0 if fallback else work.long_prefill_tokens
         STATS.record(
             layer_name,
             sparse_tokens=sparse_tokens,
-            dense_tokens=prefill_tokens - sparse_tokens,
+            dense_tokens=work.prefill_tokens - sparse_tokens,
             selected=causal if fallback else selected,
             causal=causal,
         )
