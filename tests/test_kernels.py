@@ -137,7 +137,7 @@ def test_fused_estimator_tables_are_built_once_per_step() -> None:
     config = resolve_config({"block_size": 64, "min_sparse_tokens": 0})
     index_tables.cache_clear()
     for layer_seed in (1, 2):
-        query, kv, batch = random_batch(*batch_lens, 4, 2, 32, seed=layer_seed)
+        query, kv, batch = random_batch(*batch_lens, 4, 2, 32, dtype=torch.float32, seed=layer_seed)
         paged = kv.to_paged(batch, 16, torch.Generator().manual_seed(layer_seed))
         paged = type(paged)(
             *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))

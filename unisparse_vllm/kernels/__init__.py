@@ -1,8 +1,10 @@
 """Fast implementations of ``core``'s functions, with the same signatures, and the dispatch.
 
-``UNISPARSE_KERNELS`` (or ``use()``) picks: ``auto`` (default: Triton for CUDA tensors, the
-core reference elsewhere), ``triton`` (also on the CPU under ``TRITON_INTERPRET=1``, for
-tests) or ``reference``.
+``UNISPARSE_KERNELS`` (or ``use()``) picks: ``auto`` (default: for CUDA tensors the Triton
+plan, and attention by FA3 where ``flash.usable`` says it runs, else by the Triton kernel;
+the core reference elsewhere), ``flash`` (FA3 attention or an error saying why not),
+``triton`` (Triton only; also on the CPU under ``TRITON_INTERPRET=1``, for tests) or
+``reference``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .. import core
 from ..config import LayerBudget, UniSparseConfig
 from ..core import BlockPlan, KVSource, PagedKV, PrefillBatch
 
-CHOICES = ("auto", "triton", "reference")
+CHOICES = ("auto", "flash", "triton", "reference")
 _choice: str | None = None
 
 
@@ -40,7 +42,7 @@ def _triton_for(tensor: Tensor) -> bool:
     choice_ = choice()
     if choice_ == "auto":
         return tensor.is_cuda
-    return choice_ == "triton"
+    return choice_ in ("flash", "triton")
 
 
 def plan_prefill(
@@ -98,7 +100,16 @@ def sparse_attention(
     scale: float,
     out: Tensor | None = None,
 ) -> Tensor:
-    """``core.sparse_attention``; the Triton kernel reads paged caches only."""
+    """``core.sparse_attention``; FA3 and the Triton kernel read paged caches only."""
+    choice_ = choice()
+    if choice_ in ("auto", "flash") and isinstance(kv, PagedKV):
+        from . import flash
+
+        reason = flash.unusable_reason(query, kv, plan)
+        if reason is None:
+            return flash.sparse_attention(query, kv, batch, plan, scale, out=out)
+        if choice_ == "flash":
+            raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
     if _triton_for(query) and isinstance(kv, PagedKV):
         from .attention import sparse_attention as triton_sparse_attention
 
