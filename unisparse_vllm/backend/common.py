@@ -150,7 +150,7 @@ class SparsePrefillLayer:
             plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
             # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
             selected, causal = plan.block_totals()
-            threshold = self.config.dense_above_density
+            threshold = kernels.dense_above_density(q, kv, plan, self.config)
             fallback = threshold is not None and selected > threshold * causal
             if not fallback:
                 kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)

@@ -92,6 +92,36 @@ def select_blocks(
     return core.select_blocks(mass, query_block, budget, dense_rows)
 
 
+# The selected density above which the sparse step is slower than dense FA3, plan included
+# (H200, benchmarks/RESULTS.md section 1, fourth run): attention through FA3 costs about
+# 0.04 + 1.09 d of FA3's dense time at 32K (0.01 + 1.03 d at 128K), the Triton kernel
+# 0.04 + 1.94 d; the plan adds 1-3.5%. The CPU reference is not timed: Triton's value.
+BREAK_EVEN_DENSITY = {"flash": 0.85, "triton": 0.45, "reference": 0.45}
+
+
+def attention_implementation(query: Tensor, kv: KVSource, plan: BlockPlan) -> str:
+    """Which attention runs this plan: ``flash``, ``triton`` or ``reference``."""
+    choice_ = choice()
+    if choice_ in ("auto", "flash") and isinstance(kv, PagedKV):
+        from . import flash
+
+        reason = flash.unusable_reason(query, kv, plan)
+        if reason is None:
+            return "flash"
+        if choice_ == "flash":
+            raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
+    return "triton" if _triton_for(query) and isinstance(kv, PagedKV) else "reference"
+
+
+def dense_above_density(
+    query: Tensor, kv: KVSource, plan: BlockPlan, config: UniSparseConfig
+) -> float | None:
+    """The config's ``dense_above_density``, ``auto`` resolved for the attention that runs."""
+    if config.dense_above_density == "auto":
+        return BREAK_EVEN_DENSITY[attention_implementation(query, kv, plan)]
+    return config.dense_above_density
+
+
 def sparse_attention(
     query: Tensor,
     kv: KVSource,
@@ -101,17 +131,13 @@ def sparse_attention(
     out: Tensor | None = None,
 ) -> Tensor:
     """``core.sparse_attention``; FA3 and the Triton kernel read paged caches only."""
-    choice_ = choice()
-    if choice_ in ("auto", "flash") and isinstance(kv, PagedKV):
-        from . import flash
+    implementation = attention_implementation(query, kv, plan)
+    if implementation == "flash":
+        from .flash import sparse_attention as flash_sparse_attention
 
-        reason = flash.unusable_reason(query, kv, plan)
-        if reason is None:
-            return flash.sparse_attention(query, kv, batch, plan, scale, out=out)
-        if choice_ == "flash":
-            raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
-    if _triton_for(query) and isinstance(kv, PagedKV):
+        return flash_sparse_attention(query, kv, batch, plan, scale, out=out)  # type: ignore[arg-type]
+    if implementation == "triton":
         from .attention import sparse_attention as triton_sparse_attention
 
-        return triton_sparse_attention(query, kv, batch, plan, scale, out=out)
+        return triton_sparse_attention(query, kv, batch, plan, scale, out=out)  # type: ignore[arg-type]
     return core.sparse_attention(query, kv, batch, plan, scale, out=out)
