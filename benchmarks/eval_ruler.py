@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -179,23 +180,64 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
                 "fallback": fallback_share(counted[0]["stats"]) if counted else 0.0,
             }
         table[name] = per
-    reference = next(iter(table.values()))  # the first config, normally dense
-    for per in table.values():
+    reference_name = next(iter(table))  # the first config, normally dense
+    reference = table[reference_name]
+    for name, per in table.items():
         for length, row in per.items():
             base = reference[length]["average"]
             row["of_reference"] = 100.0 * row["average"] / base if base else float("nan")
+            row["of_reference_ci"] = paired_interval(
+                results[reference_name], results[name], tasks, length
+            )
     return table
+
+
+def paired_interval(
+    reference: list[dict], records: list[dict], tasks: list[str], length: int, rounds: int = 1000
+) -> tuple[float, float]:
+    """95% bootstrap interval of ``of_reference``: each task's samples redrawn with
+    replacement, the same draws for both configs (they answered the same prompts, in the
+    same order), so the interval reflects how many samples changed, not the task's spread.
+    NaN when the two configs did not score the same number of samples per task."""
+    rng = random.Random(0)
+
+    def scores(rows: list[dict], task: str) -> list[float]:
+        return [r["score"] for r in rows if r.get("task") == task and r["length"] == length]
+
+    pairs = {}
+    for task in tasks:
+        base_scores, our_scores = scores(reference, task), scores(records, task)
+        if len(base_scores) != len(our_scores) or not base_scores:
+            return float("nan"), float("nan")  # not the same prompts: nothing to pair
+        pairs[task] = list(zip(base_scores, our_scores, strict=True))
+    ratios = []
+    for _ in range(rounds):
+        base = ours = 0.0
+        for task_pairs in pairs.values():
+            drawn = rng.choices(task_pairs, k=len(task_pairs))
+            base += sum(p[0] for p in drawn) / len(drawn)
+            ours += sum(p[1] for p in drawn) / len(drawn)
+        if base:  # a draw of only wrong reference answers has no ratio
+            ratios.append(100.0 * ours / base)
+    if not ratios:
+        return float("nan"), float("nan")
+    ratios.sort()
+    return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
 
 
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
-    print(head + f"{'% of 1st':>9}{'density':>9}{'fallback':>9}")
+    print(head + f"{'% of 1st':>9}{'95% CI':>13}{'density':>9}{'fallback':>9}")
     for name, per in table.items():
         for length in lengths:
             row = per[length]
             cells = "".join(f"{row[t]:>13.1f}" for t in columns)
-            tail = f"{row['of_reference']:>9.1f}{row['density']:>9.3f}{row['fallback']:>9.3f}"
+            low, high = row["of_reference_ci"]
+            tail = (
+                f"{row['of_reference']:>9.1f}{f'{low:.1f}-{high:.1f}':>13}"
+                f"{row['density']:>9.3f}{row['fallback']:>9.3f}"
+            )
             print(f"{name:<24}{length:>8}{cells}{tail}")
 
 
@@ -213,10 +255,15 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
     for name, per in table.items():
         scores = [per[n]["average"] for n in lengths]
         by_length.plot(lengths, scores, "-o", label=name)
-        by_density.plot(
+        by_density.errorbar(
             [per[n]["density"] for n in lengths],
             [per[n]["of_reference"] for n in lengths],
-            "o",
+            yerr=[
+                [per[n]["of_reference"] - per[n]["of_reference_ci"][0] for n in lengths],
+                [per[n]["of_reference_ci"][1] - per[n]["of_reference"] for n in lengths],
+            ],
+            fmt="o",
+            capsize=3,
             label=name,
         )
     by_length.set_xscale("log", base=2)
@@ -224,7 +271,7 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
     by_density.set_xlabel("selected density (1 = dense)")
     by_length.set_ylabel("RULER-style average score")
     by_length.set_ylim(0, 100)
-    by_density.set_ylabel(f"% of {next(iter(table))}'s score, same length")
+    by_density.set_ylabel(f"% of {next(iter(table))}'s score, same length (95% CI)")
     for ax in (by_length, by_density):
         ax.grid(alpha=0.3)
     by_length.legend(fontsize=8)

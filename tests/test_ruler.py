@@ -4,6 +4,7 @@ tiny model at toy sizes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -163,11 +164,32 @@ def test_summary_scores_each_length_against_the_first_config() -> None:
         "density": 1.0,
         "fallback": 0.0,
         "of_reference": 100.0,
+        "of_reference_ci": (100.0, 100.0),
     }
     assert table["sparse"][64]["average"] == 32.5
     assert table["sparse"][64]["of_reference"] == pytest.approx(100 * 32.5 / 45)
     assert table["sparse"][64]["density"] == 0.25
     assert table["sparse"][64]["fallback"] == pytest.approx(300 / 1200)  # layer 1's step fell back
+    low, high = table["sparse"][64]["of_reference_ci"]
+    assert low < 100 * 32.5 / 45 < high <= 100.0  # never better than dense on any sample
+
+
+def test_the_interval_narrows_with_more_samples_and_pairs_them() -> None:
+    from eval_ruler import paired_interval
+
+    def records(scores: list[float]) -> list[dict]:
+        return [{"task": "vt", "length": 64, "score": s} for s in scores]
+
+    dense = records([100.0, 0.0] * 50)
+    one_flip = records([0.0, 100.0] + [100.0, 0.0] * 49)  # one answer lost, another gained
+    low, high = paired_interval(dense, one_flip, ["vt"], 64)
+    assert low < 100.0 < high
+    assert paired_interval(dense, dense, ["vt"], 64) == (100.0, 100.0)
+    assert all(math.isnan(x) for x in paired_interval(dense, dense[:-1], ["vt"], 64))
+    worse = records([0.0] * 10 + [100.0, 0.0] * 45)  # 5 of 50 right answers lost
+    few = paired_interval(dense[:20], worse[:20], ["vt"], 64)
+    many = paired_interval(dense, worse, ["vt"], 64)
+    assert many[1] < 100.0 and many[1] - many[0] < few[1] - few[0]
 
 
 @pytest.mark.vllm
