@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core import BlockPlan, PagedKV, PrefillBatch
+from ..core import BlockPlan, PagedKV, PrefillBatch, device_offsets
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class VirtualSequences:
 
     cu_seqlens_q: Tensor  # [rows + 1] int32: the rows' query tokens are consecutive
     seq_lens: Tensor  # [H_sel, rows] int32
-    block_table: Tensor  # [H_sel, rows, W * pages per block] int32
+    block_table: Tensor  # [H_sel, rows, widest row's blocks * pages per block] int32
     max_seqlen_q: int
     max_seqlen_k: int
 
@@ -55,43 +55,34 @@ def unusable_reason(query: Tensor, kv: PagedKV, plan: BlockPlan) -> str | None:
     return _fa3_on(query.device)
 
 
-@functools.lru_cache(maxsize=4)
-def _row_extents(
-    batch: PrefillBatch, block_size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """``(cu_seqlens_q, keys of each row's diagonal block)`` for the batch's rows, once per step."""
-    ends, diagonal = [0], []
-    for start, context, query in zip(
-        batch.query_start[:-1], batch.context_lens, batch.query_lens, strict=True
-    ):
-        seq_len = context + query
-        first = context // block_size
-        for block in range(first, (seq_len - 1) // block_size + 1):
-            row_end = min((block + 1) * block_size, seq_len)
-            ends.append(start + row_end - context)
-            diagonal.append(row_end - block * block_size)
-    table = torch.tensor(ends + diagonal, dtype=torch.int32).to(device)
-    return table[: len(ends)], table[len(ends) :]
-
-
 def virtual_sequences(batch: PrefillBatch, kv: PagedKV, plan: BlockPlan) -> VirtualSequences:
-    """The plan's rows as FA3 sequences (no host sync: widths come from tensor shapes)."""
+    """The plan's rows as FA3 sequences. Tables are as wide as the widest row (one host sync,
+    on the prefill path only): at low density far narrower than all key blocks."""
     block = plan.block_size
     pages_per_block = block // kv.page_size
-    cu_seqlens_q, diagonal_keys = _row_extents(batch, block, plan.counts.device)
-    seq_lens = (plan.counts - 1) * block + diagonal_keys[None, :]
-    request_pages = kv.block_table[plan.row_request.long()]  # [rows, max pages]
-    page = plan.indices.clamp(min=0)[..., None] * pages_per_block + torch.arange(
+    query_start, context_lens = device_offsets(batch, plan.counts.device)
+    request = plan.row_request.long()
+    seq_lens = (context_lens + query_start[1:] - query_start[:-1])[request]
+    block_start = plan.row_block * block
+    row_end = torch.minimum(block_start + block, seq_lens)  # past the row's last query token
+    # Rows run in token order, so each row's queries start where the previous row's end.
+    cu_seqlens_q = torch.cat(
+        [query_start[:1], query_start[request] + row_end - context_lens[request]]
+    )
+    key_lens = (plan.counts - 1) * block + (row_end - block_start)[None, :]
+    width = int(plan.counts.max())
+    request_pages = kv.block_table[request]  # [rows, max pages]
+    page = plan.indices[..., :width].clamp(min=0)[..., None] * pages_per_block + torch.arange(
         pages_per_block, device=plan.indices.device, dtype=plan.indices.dtype
-    )  # [H_sel, rows, W, pages per block]
+    )  # [H_sel, rows, width, pages per block]
     page = page.flatten(2).clamp(max=request_pages.shape[1] - 1).long()
     table = torch.gather(request_pages.expand(page.shape[0], -1, -1), 2, page)
     return VirtualSequences(
-        cu_seqlens_q=cu_seqlens_q,
-        seq_lens=seq_lens.to(torch.int32),
+        cu_seqlens_q=cu_seqlens_q.to(torch.int32),
+        seq_lens=key_lens.to(torch.int32),
         block_table=table.to(torch.int32),
         max_seqlen_q=block,
-        max_seqlen_k=plan.indices.shape[-1] * block,
+        max_seqlen_k=width * block,
     )
 
 
