@@ -84,6 +84,8 @@ def test_plans_fa3_cannot_run_say_why() -> None:
     assert "not a multiple of the KV page size 128" in flash.unusable_reason(query, paged, plan)
     query, paged, _, plan, _ = plan_for(CASES[0], seed=0)
     assert "fp16/bf16" in flash.unusable_reason(query, paged, plan)
+    odd = torch.zeros(*query.shape[:-1], 60, dtype=torch.float16)
+    assert "multiples of 8 up to 256, got 60" in flash.unusable_reason(odd, paged, plan)
     if not torch.cuda.is_available():
         half = PagedKV(paged.key_cache.half(), paged.value_cache.half(), paged.block_table)
         assert "CUDA" in flash.unusable_reason(query.half(), half, plan)

@@ -50,6 +50,9 @@ def unusable_reason(query: Tensor, kv: PagedKV, plan: BlockPlan) -> str | None:
     """Why FA3 cannot run this plan (``None``: it can)."""
     if plan.block_size % kv.page_size:
         return f"block_size {plan.block_size} is not a multiple of the KV page size {kv.page_size}"
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > 256:
+        return f"FA3 takes head sizes that are multiples of 8 up to 256, got {head_dim}"
     if query.dtype not in (torch.float16, torch.bfloat16) or kv.key_cache.dtype != query.dtype:
         return f"FA3 takes fp16/bf16 queries and caches, got {query.dtype} and {kv.key_cache.dtype}"
     return _fa3_on(query.device)
