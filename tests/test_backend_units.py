@@ -196,6 +196,33 @@ def test_dense_above_density_falls_back(monkeypatch, threshold, expect_dense) ->
         assert counters.mean_density < 1.0
 
 
+def test_the_attention_that_runs_is_logged_once_with_why_not_fa3(monkeypatch) -> None:
+    from unisparse_vllm.backend import common
+
+    layer = _sparse_layer(monkeypatch, tau=0.5, dense_above_density=None)
+    monkeypatch.setattr(common, "_LOGGED_ATTENTION", set())
+    lines = []
+    monkeypatch.setattr(common.logger, "info", lambda msg, *args: lines.append(msg % args))
+    kv_cache = torch.randn(20, 2, 16, 32)
+    work = common.prefill_work(
+        torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
+    )
+    for step in range(2):
+        layer.forward(
+            f"model.layers.{step}.attn.logged",
+            torch.randn(300, 4 * 16),
+            kv_cache,
+            work,
+            torch.empty(300, 4 * 16),
+            run_dense=lambda: None,
+        )
+    assert lines == [
+        "UniSparse: sparse prefill attention runs on the reference kernel "
+        "(FA3 not used: FA3 takes fp16/bf16 queries and caches, "
+        "got torch.float32 and torch.float32)"
+    ]
+
+
 def test_counters_count_prefill_tokens_only(monkeypatch) -> None:
     """A CPU batch holds decodes too: they are neither sparse nor dense prefill tokens."""
     from unisparse_vllm.backend.common import prefill_work
