@@ -64,3 +64,34 @@ def test_trivial_recall_takes_the_smallest_tau(tiny: Path, text: Path, tmp_path:
     settings = _calibrate(tiny, text, tmp_path / "loose.yaml", target=0.0)
     assert settings["dense_layers"] == []
     assert [o["tau"] for o in settings["layer_overrides"]] == [0.5, 0.5, 0.5]
+
+
+def test_each_layer_is_estimated_once_for_all_taus(monkeypatch) -> None:
+    """Only selection depends on tau; each tau's plan must equal a fresh estimate's."""
+    import torch
+
+    from unisparse_vllm import calibrate
+    from unisparse_vllm.core import ContiguousKV, PrefillBatch, plan_prefill
+    from unisparse_vllm.core.baselines import ESTIMATORS
+
+    calls = []
+    reference = ESTIMATORS["unisparse"]
+    monkeypatch.setitem(
+        ESTIMATORS, "unisparse", lambda *a, **k: calls.append(1) or reference(*a, **k)
+    )
+    gen = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(512, 4, 16, generator=gen), torch.randn(512, 2, 16, generator=gen)
+    config = resolve_config({"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0})
+    taus = (0.5, 0.7, 0.9)
+    choice = calibrate.choose_layer_budget(query, keys, 1, config, 1.01, taus)  # tries all
+    assert len(calls) == 1 and choice.tau is None
+    budget = config.for_layer(1).model_copy(update={"tau": 0.9})
+    fresh = plan_prefill(
+        query,
+        ContiguousKV(keys, keys, (0,)),
+        PrefillBatch.from_lens([512]),
+        config,
+        budget,
+        scale=0.25,
+    )
+    assert choice.density == fresh.density()

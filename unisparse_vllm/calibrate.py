@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import UniSparseConfig
 from .core import ContiguousKV, PrefillBatch, exact_key_block_probs, plan_prefill
+from .core.baselines import ESTIMATORS
 from .core.metrics import mass_recall
 
 # Fine steps near the top: on Qwen2.5-Coder-0.5B at 16K, the grid without 0.92-0.97 jumped
@@ -86,12 +87,21 @@ def choose_layer_budget(
     kv = ContiguousKV(keys, keys, (0,))  # values play no part in recall
     scale = 1 / math.sqrt(query.shape[-1])
     probs = exact_key_block_probs(query, keys, 0, config.block_size, scale)
+    estimator = ESTIMATORS[config.estimator]
+    masses: list[Tensor] = []
+
+    def estimate_once(*args: Any, **kwargs: Any) -> Tensor:
+        """Block mass does not depend on tau: estimate once, select once per tau."""
+        if not masses:
+            masses.append(estimator(*args, **kwargs))
+        return masses[0]
+
     last = LayerChoice(layer, None, 1.0, 1.0)
     for tau in sorted(taus):
         budget = config.for_layer(layer).model_copy(
             update={"tau": tau, "mode": "top_p", "dense": False}
         )
-        plan = plan_prefill(query, kv, batch, config, budget, scale=scale)
+        plan = plan_prefill(query, kv, batch, config, budget, scale=scale, estimator=estimate_once)
         recall = float(mass_recall(probs, plan, 0, 0).mean())
         last = LayerChoice(layer, tau, recall, plan.density())
         if recall >= target_recall:
