@@ -95,3 +95,19 @@ def test_each_layer_is_estimated_once_for_all_taus(monkeypatch) -> None:
         scale=0.25,
     )
     assert choice.density == fresh.density()
+
+
+def test_the_command_line_tries_the_default_taus(monkeypatch, text: Path, tmp_path: Path) -> None:
+    from unisparse_vllm import calibrate
+
+    class Seen(Exception):
+        pass
+
+    def record(model: str, texts: list[str], **kwargs) -> None:
+        raise Seen(kwargs["taus"])
+
+    monkeypatch.setattr(calibrate, "calibrate", record)
+    argv = ["calibrate", "--model", "m", "--text", str(text), "--out", str(tmp_path / "p.yaml")]
+    with pytest.raises(Seen) as seen:
+        main(argv)
+    assert seen.value.args[0] == calibrate.DEFAULT_TAUS

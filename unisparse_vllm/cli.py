@@ -38,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .calibrate import calibrate, write_profile
+    from .calibrate import DEFAULT_TAUS, calibrate, write_profile
 
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
     config = resolve_config(
@@ -52,7 +52,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         tokens=args.tokens,
         config=config,
-        taus=tuple(args.taus),
+        taus=tuple(args.taus) if args.taus else DEFAULT_TAUS,
     )
     header = (
         f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), "
@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--c", type=int, default=16, help="c_q = c_k")
     calibrate.add_argument("--c-h", type=int, help="query heads pooled (default: the GQA group)")
     calibrate.add_argument(
-        "--taus", type=float, nargs="+", default=[0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
+        "--taus",
+        type=float,
+        nargs="+",
+        help="taus tried per layer (default: calibrate.DEFAULT_TAUS)",
     )
     calibrate.add_argument("--out", required=True)
     calibrate.set_defaults(run=_calibrate)
