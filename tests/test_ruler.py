@@ -308,7 +308,7 @@ def test_spec_file_sets_options_and_the_command_line_wins(tmp_path: Path) -> Non
     assert configs[1] == {"name": "sparse", "backend": "unisparse", "unisparse": {"tau": 0.8}}
 
 
-def test_shipped_spec_parses() -> None:
+def test_shipped_spec_parses(monkeypatch) -> None:
     from eval_ruler import parse_args
 
     spec = BENCH / "ruler_specs" / "qwen05.yaml"
@@ -317,6 +317,11 @@ def test_shipped_spec_parses() -> None:
     )
     assert args.lengths == [16384, 32768] and "backend" not in configs[0]
     assert len({c["name"] for c in configs}) == len(configs) > 1
+    from unisparse_vllm.config import resolve_config
+
+    monkeypatch.chdir(BENCH.parent)  # the spec's profile paths are relative to the repository
+    for config in configs:  # every budget loads (a bad profile path would cost a GPU run)
+        resolve_config(config.get("unisparse", {}))
 
 
 @pytest.mark.parametrize(
