@@ -189,7 +189,26 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
             row["of_reference_ci"] = paired_interval(
                 results[reference_name], results[name], tasks, length
             )
+            row["same_answer"] = same_answer_share(results[reference_name], results[name], length)
     return table
+
+
+def same_answer_share(reference: list[dict], records: list[dict], length: int) -> float:
+    """Percent of prompts answered with exactly the reference config's text (greedy decoding:
+    a changed answer is the sparse path's doing). Far more sensitive than the score ratio,
+    where changes in both directions cancel. NaN when the prompts do not pair up."""
+
+    def answers(rows: list[dict]) -> list[tuple[str, str]]:
+        return [
+            (r["task"], r["prediction"].strip())
+            for r in rows
+            if "task" in r and r["length"] == length
+        ]
+
+    ours, theirs = answers(records), answers(reference)
+    if len(ours) != len(theirs) or not ours:
+        return float("nan")
+    return 100.0 * sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours)
 
 
 def paired_interval(
@@ -228,14 +247,14 @@ def paired_interval(
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
-    print(head + f"{'% of 1st':>9}{'95% CI':>13}{'density':>9}{'fallback':>9}")
+    print(head + f"{'% of 1st':>9}{'95% CI':>13}{'same ans':>9}{'density':>9}{'fallback':>9}")
     for name, per in table.items():
         for length in lengths:
             row = per[length]
             cells = "".join(f"{row[t]:>13.1f}" for t in columns)
             low, high = row["of_reference_ci"]
             tail = (
-                f"{row['of_reference']:>9.1f}{f'{low:.1f}-{high:.1f}':>13}"
+                f"{row['of_reference']:>9.1f}{f'{low:.1f}-{high:.1f}':>13}{row['same_answer']:>9.1f}"
                 f"{row['density']:>9.3f}{row['fallback']:>9.3f}"
             )
             print(f"{name:<24}{length:>8}{cells}{tail}")

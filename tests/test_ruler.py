@@ -144,15 +144,15 @@ STATS_OF_TWO_LAYERS = {
 def test_summary_scores_each_length_against_the_first_config() -> None:
     from eval_ruler import summarize
 
-    def rec(task: str, length: int, score: float) -> dict:
-        return {"task": task, "length": length, "score": score}
+    def rec(task: str, length: int, score: float, answer: str = "a") -> dict:
+        return {"task": task, "length": length, "score": score, "prediction": answer}
 
     results = {
         "dense": [rec("vt", 64, 80.0), rec("vt", 64, 40.0), rec("cwe", 64, 30.0)],
         "sparse": [
-            rec("vt", 64, 60.0),
-            rec("vt", 64, 40.0),
-            rec("cwe", 64, 15.0),
+            rec("vt", 64, 60.0, "b"),
+            rec("vt", 64, 40.0, " a "),
+            rec("cwe", 64, 15.0, "c"),
             {"length": 64, "stats": STATS_OF_TWO_LAYERS, "density": 0.25},
         ],
     }
@@ -165,10 +165,12 @@ def test_summary_scores_each_length_against_the_first_config() -> None:
         "fallback": 0.0,
         "of_reference": 100.0,
         "of_reference_ci": (100.0, 100.0),
+        "same_answer": 100.0,
     }
     assert table["sparse"][64]["average"] == 32.5
     assert table["sparse"][64]["of_reference"] == pytest.approx(100 * 32.5 / 45)
     assert table["sparse"][64]["density"] == 0.25
+    assert table["sparse"][64]["same_answer"] == pytest.approx(100 / 3)  # the second, stripped
     assert table["sparse"][64]["fallback"] == pytest.approx(300 / 1200)  # layer 1's step fell back
     low, high = table["sparse"][64]["of_reference_ci"]
     assert low < 100 * 32.5 / 45 < high <= 100.0  # never better than dense on any sample
