@@ -130,3 +130,20 @@ def test_auto_dense_threshold_follows_the_attention_that_runs(monkeypatch) -> No
     assert kernels.dense_above_density(query, paged, plan, fixed) == 0.2
     monkeypatch.setattr(kernels, "attention_implementation", lambda *args: "flash")
     assert kernels.dense_above_density(query, paged, plan, auto) == 0.85
+
+
+def test_auto_takes_fa3_only_where_its_per_call_cost_pays(monkeypatch) -> None:
+    from unisparse_vllm import kernels
+
+    query, paged, _, plan, _ = plan_for(CASES[0], seed=0)
+    monkeypatch.setattr(flash, "unusable_reason", lambda *args: None)  # as on a Hopper GPU
+    pairs = plan.block_totals()[0] * plan.heads_per_selection
+    assert pairs < 1000 and kernels.attention_implementation(query, paged, plan) != "flash"
+    monkeypatch.setattr(kernels, "FLASH_MS_PER_CALL", 0.0)
+    assert kernels.attention_implementation(query, paged, plan) == "flash"
+    kernels.use("flash")  # insisting skips the cost model
+    monkeypatch.setattr(kernels, "FLASH_MS_PER_CALL", 1e9)
+    try:
+        assert kernels.attention_implementation(query, paged, plan) == "flash"
+    finally:
+        kernels.use(None)

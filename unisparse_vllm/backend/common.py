@@ -204,7 +204,7 @@ def _log_attention_once(query: Tensor, kv: PagedKV, plan: BlockPlan) -> None:
         logger.info(
             "UniSparse: sparse prefill attention runs on the %s kernel (FA3 not used: %s)",
             implementation,
-            unusable_reason(query, kv, plan),
+            unusable_reason(query, kv, plan) or "the step is too small for its per-call cost",
         )
 
 

@@ -38,7 +38,12 @@ class BlockPlan:
         return int(self.row_block.shape[0])
 
     def block_totals(self) -> tuple[int, int]:
-        """``(selected, causal)`` key blocks summed over every head and row (a host sync)."""
+        """``(selected, causal)`` key blocks summed over every head and row (a host sync,
+        once: a plan's tensors are not written after selection)."""
+        return self._totals
+
+    @functools.cached_property
+    def _totals(self) -> tuple[int, int]:
         causal = int((self.row_block.long() + 1).sum()) * self.counts.shape[0]
         return int(self.counts.sum()), causal
 

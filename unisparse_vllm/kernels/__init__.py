@@ -99,17 +99,33 @@ def select_blocks(
 BREAK_EVEN_DENSITY = {"flash": 0.85, "triton": 0.45, "reference": 0.45}
 
 
+# Per layer and step on an H200 (head_dim 128, Llama-8B heads; RESULTS.md section 1, fourth
+# run): the Triton kernel costs ~3.2e-5 ms per selected (key block, query head) pair, FA3
+# over virtual sequences ~2.0e-5 ms per pair plus ~0.028 ms per call (one call per selection
+# group; tables included). So small steps (short chunks, low density) are faster in Triton:
+# one-shot 4K dense, 17K pairs, took 0.51 ms there against 0.56 in FA3; 32K at density 0.05,
+# 58K pairs, 1.98 against 1.38.
+TRITON_MS_PER_PAIR, FLASH_MS_PER_PAIR, FLASH_MS_PER_CALL = 3.2e-5, 2.0e-5, 0.028
+
+
+def _flash_pays(plan: BlockPlan) -> bool:
+    pairs = plan.block_totals()[0] * plan.heads_per_selection
+    calls = plan.counts.shape[0]
+    return (TRITON_MS_PER_PAIR - FLASH_MS_PER_PAIR) * pairs > FLASH_MS_PER_CALL * calls
+
+
 def attention_implementation(query: Tensor, kv: KVSource, plan: BlockPlan) -> str:
-    """Which attention runs this plan: ``flash``, ``triton`` or ``reference``."""
+    """Which attention runs this plan: ``flash``, ``triton`` or ``reference``. ``auto`` takes
+    FA3 where it runs and the step is large enough for its per-call cost to pay."""
     choice_ = choice()
     if choice_ in ("auto", "flash") and isinstance(kv, PagedKV):
         from . import flash
 
         reason = flash.unusable_reason(query, kv, plan)
-        if reason is None:
-            return "flash"
-        if choice_ == "flash":
+        if choice_ == "flash" and reason is not None:
             raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
+        if choice_ == "flash" or (reason is None and _flash_pays(plan)):
+            return "flash"
     return "triton" if _triton_for(query) and isinstance(kv, PagedKV) else "reference"
 
 
