@@ -1,7 +1,8 @@
 """Prefill attention on one GPU: FA3 (vLLM's build), torch SDPA flash (FA2), FlexAttention
 with our plans as its block mask, and UniSparse at fixed densities and end to end ("ours":
-the kernels' dispatch, FA3 over the plan's virtual sequences where vLLM's FA3 runs; "triton":
-our Triton attention kernel).
+the kernels' dispatch: FA3 over the plan's virtual sequences where vLLM's FA3 runs and the
+step is large enough, else the Triton kernel; "triton":
+our Triton attention kernel; "flash": FA3 over the virtual sequences, forced).
 Llama-3.1-8B head shapes, bf16, paged K/V (page 16, shuffled pages; SDPA and FlexAttention
 read contiguous K/V). Prints a table last; writes JSON (and a PNG if matplotlib is there).
 
@@ -23,6 +24,7 @@ from unisparse_vllm import kernels
 from unisparse_vllm.config import resolve_config
 from unisparse_vllm.core import BlockPlan, PagedKV, PrefillBatch, relative_error, select_blocks
 from unisparse_vllm.core.plan import request_rows
+from unisparse_vllm.kernels import flash
 from unisparse_vllm.kernels.attention import sparse_attention as triton_attention
 from unisparse_vllm.kernels.estimate import batch_block_mass
 from unisparse_vllm.synthetic import structured_qkv
@@ -30,7 +32,8 @@ from unisparse_vllm.synthetic import structured_qkv
 HQ, HKV, DIM, PAGE = 32, 8, 128, 16
 DENSITIES = (1.0, 0.3, 0.2, 0.1, 0.05)
 FLEX_DENSITIES = (1.0, 0.1)  # FlexAttention on the same plans (each density compiles anew)
-TRITON_DENSITIES = (1.0, 0.1)  # our Triton kernel, where "ours" (the dispatch) runs FA3
+# each attention forced, where "ours" is the dispatch's choice: the crossover of the two
+EXECUTOR_DENSITIES = (1.0, 0.1)
 try:  # FA3 as vLLM builds it; without vLLM the FA3 column is left out
     import vllm.vllm_flash_attn  # noqa: F401
 
@@ -196,10 +199,14 @@ def scenario(name: str, query_lens: list[int], context_lens: list[int], args, ge
             lambda p=plan: kernels.sparse_attention(query, kv, batch, p, scale, out=out)
         )
         row[f"ours_d{density}_measured_density"] = plan.density()
-        if density in TRITON_DENSITIES:
+        if density in EXECUTOR_DENSITIES:
             row[f"triton_d{density}_ms"] = bench(
                 lambda p=plan: triton_attention(query, kv, batch, p, scale, out=out)
             )
+            if HAVE_VLLM:
+                row[f"flash_d{density}_ms"] = bench(
+                    lambda p=plan: flash.sparse_attention(query, kv, batch, p, scale, out=out)
+                )
         if len(seq_lens) == 1 and context_lens == [0] and density in FLEX_DENSITIES:
             try:  # a FlexAttention failure (compile, memory) costs its column, not the run
                 mask = flex_block_mask(plan, seq_lens[0])
@@ -250,7 +257,7 @@ def table(rows: list[dict]) -> str:
         ["fa3_ms", "sdpa_flash_ms"]
         + [f"flex_d{d}_ms" for d in FLEX_DENSITIES]
         + [f"ours_d{d}_ms" for d in DENSITIES]
-        + [f"triton_d{d}_ms" for d in TRITON_DENSITIES]
+        + [f"{name}_d{d}_ms" for name in ("triton", "flash") for d in EXECUTOR_DENSITIES]
         + [
             "estimate_ms",
             "plan_ms",
@@ -286,6 +293,9 @@ def main() -> None:
     rows = [scenario(f"one-shot {s // 1024}K", [s], [0], args, gen) for s in args.seq]
     if not args.no_mixed:
         rows.append(scenario("chunk 16K over 48K", [16384], [49152], args, gen))
+        # vLLM's smaller prefill chunks: where FA3's per-call cost meets the Triton kernel
+        rows.append(scenario("chunk 2K over 62K", [2048], [63488], args, gen))
+        rows.append(scenario("chunk 8K over 56K", [8192], [57344], args, gen))
         rows.append(scenario("batch 4K+16K+32K", [4096, 16384, 32768], [0, 0, 0], args, gen))
     if args.out:
         args.out.write_text(

@@ -21,9 +21,7 @@ def main(src: str, dst: str) -> None:
     seq = [r["query_lens"][0] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = [("fa3_ms", "FA3 (vLLM)", "k-"), ("sdpa_flash_ms", "SDPA flash (FA2)", "k--")]
-    series += [
-        (f"ours_d{d}_ms", f"UniSparse, density {d}", None) for d in (1.0, 0.3, 0.1, 0.05)
-    ]
+    series += [(f"ours_d{d}_ms", f"UniSparse, density {d}", None) for d in (1.0, 0.3, 0.1, 0.05)]
     series += [(f"triton_d{d}_ms", f"Triton kernel, density {d}", ":") for d in (1.0, 0.1)]
     series += [(f"flex_d{d}_ms", f"FlexAttention, density {d}", "-.") for d in (1.0, 0.1)]
     series += [("e2e_ms", "UniSparse end to end, tau 0.9 (structured)", "r-o")]
