@@ -1,8 +1,9 @@
 """Fast implementations of ``core``'s functions, with the same signatures, and the dispatch.
 
 ``UNISPARSE_KERNELS`` (or ``use()``) picks: ``auto`` (default: for CUDA tensors the Triton
-plan, and attention by FA3 where ``flash.usable`` says it runs, else by the Triton kernel;
-the core reference elsewhere), ``flash`` (FA3 attention or an error saying why not),
+plan, and attention by FA3 where it runs (``flash.unusable_reason``) and the step is large
+enough for its per-call cost (``attention_implementation``), else by the Triton kernel; the
+core reference elsewhere), ``flash`` (FA3 attention or an error saying why not),
 ``triton`` (Triton only; also on the CPU under ``TRITON_INTERPRET=1``, for tests) or
 ``reference``.
 """
