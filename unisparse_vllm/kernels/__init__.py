@@ -103,14 +103,15 @@ BREAK_EVEN_DENSITY = {"flash": 0.85, "triton": 0.45, "reference": 0.45}
 # Per layer and step on an H200 (head_dim 128, Llama-8B heads; RESULTS.md section 1, fourth
 # run): the Triton kernel costs ~3.2e-5 ms per selected (key block, query head) pair, FA3
 # over virtual sequences ~2.0e-5 ms per pair plus ~0.028 ms per call (one call per selection
-# group; tables included). So small steps (short chunks, low density) are faster in Triton:
-# one-shot 4K dense, 17K pairs, took 0.51 ms there against 0.56 in FA3; 32K at density 0.05,
-# 58K pairs, 1.98 against 1.38.
+# group; tables included). Pair costs are taken to scale with the head size (the matmul
+# FLOPs do; only 128 was timed), the call cost not. So small steps (short chunks, low
+# density) are faster in Triton: one-shot 4K dense, 17K pairs, took 0.51 ms there against
+# 0.56 in FA3; 32K at density 0.05, 58K pairs, 1.98 against 1.38.
 TRITON_MS_PER_PAIR, FLASH_MS_PER_PAIR, FLASH_MS_PER_CALL = 3.2e-5, 2.0e-5, 0.028
 
 
-def _flash_pays(plan: BlockPlan) -> bool:
-    pairs = plan.block_totals()[0] * plan.heads_per_selection
+def _flash_pays(plan: BlockPlan, head_dim: int) -> bool:
+    pairs = plan.block_totals()[0] * plan.heads_per_selection * head_dim / 128
     calls = plan.counts.shape[0]
     return (TRITON_MS_PER_PAIR - FLASH_MS_PER_PAIR) * pairs > FLASH_MS_PER_CALL * calls
 
@@ -125,7 +126,7 @@ def attention_implementation(query: Tensor, kv: KVSource, plan: BlockPlan) -> st
         reason = flash.unusable_reason(query, kv, plan)
         if choice_ == "flash" and reason is not None:
             raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
-        if choice_ == "flash" or (reason is None and _flash_pays(plan)):
+        if choice_ == "flash" or (reason is None and _flash_pays(plan, query.shape[-1])):
             return "flash"
     return "triton" if _triton_for(query) and isinstance(kv, PagedKV) else "reference"
 
