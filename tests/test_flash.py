@@ -120,16 +120,16 @@ def test_the_flash_choice_names_why_fa3_cannot_run() -> None:
     assert torch.equal(kernels.sparse_attention(query, paged, batch, plan, scale), expected)
 
 
-def test_auto_dense_threshold_follows_the_attention_that_runs(monkeypatch) -> None:
+def test_auto_dense_threshold_follows_the_attention_that_runs() -> None:
     from unisparse_vllm import kernels
 
     query, paged, _, plan, _ = plan_for(CASES[0], seed=0)
     auto, fixed = resolve_config({}), resolve_config({"dense_above_density": 0.2})
     assert auto.dense_above_density == "auto"
-    assert kernels.dense_above_density(query, paged, plan, auto) == 0.45  # CPU: the reference
-    assert kernels.dense_above_density(query, paged, plan, fixed) == 0.2
-    monkeypatch.setattr(kernels, "attention_implementation", lambda *args: "flash")
-    assert kernels.dense_above_density(query, paged, plan, auto) == 0.85
+    on_cpu = kernels.attention_implementation(query, paged, plan)
+    assert on_cpu == "reference" and kernels.dense_above_density(on_cpu, auto) == 0.45
+    assert kernels.dense_above_density(on_cpu, fixed) == 0.2
+    assert kernels.dense_above_density("flash", auto) == 0.85
 
 
 def test_auto_takes_fa3_only_where_its_per_call_cost_pays(monkeypatch) -> None:

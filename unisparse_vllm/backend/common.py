@@ -151,8 +151,9 @@ class SparsePrefillLayer:
             plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
             # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
             selected, causal = plan.block_totals()
-            _log_attention_once(q, kv, plan)
-            threshold = kernels.dense_above_density(q, kv, plan, self.config)
+            implementation = kernels.attention_implementation(q, kv, plan)
+            _log_attention_once(implementation, q, kv, plan)
+            threshold = kernels.dense_above_density(implementation, self.config)
             fallback = threshold is not None and selected > threshold * causal
             if not fallback:
                 kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
@@ -189,10 +190,9 @@ class SparsePrefillLayer:
             )
 
 
-def _log_attention_once(query: Tensor, kv: PagedKV, plan: BlockPlan) -> None:
+def _log_attention_once(implementation: str, query: Tensor, kv: PagedKV, plan: BlockPlan) -> None:
     """Say once per process which attention runs the sparse steps (FA3 is ~2x faster than
     the Triton kernel: an operator should see when it is not available, and why)."""
-    implementation = kernels.attention_implementation(query, kv, plan)
     if implementation in _LOGGED_ATTENTION:
         return
     _LOGGED_ATTENTION.add(implementation)

@@ -131,12 +131,11 @@ def attention_implementation(query: Tensor, kv: KVSource, plan: BlockPlan) -> st
     return "triton" if _triton_for(query) and isinstance(kv, PagedKV) else "reference"
 
 
-def dense_above_density(
-    query: Tensor, kv: KVSource, plan: BlockPlan, config: UniSparseConfig
-) -> float | None:
-    """The config's ``dense_above_density``, ``auto`` resolved for the attention that runs."""
+def dense_above_density(implementation: str, config: UniSparseConfig) -> float | None:
+    """The config's ``dense_above_density``, ``auto`` resolved for ``implementation`` (what
+    ``attention_implementation`` chose for the step)."""
     if config.dense_above_density == "auto":
-        return BREAK_EVEN_DENSITY[attention_implementation(query, kv, plan)]
+        return BREAK_EVEN_DENSITY[implementation]
     return config.dense_above_density
 
 
