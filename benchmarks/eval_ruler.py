@@ -163,13 +163,10 @@ def run_configs(
 def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[int]) -> dict:
     table: dict = {}
     for name, records in results.items():
-        scored = [r for r in records if "score" in r]
         per = {}
         for length in lengths:
             by_task = {
-                task: statistics.mean(
-                    r["score"] for r in scored if r["task"] == task and r["length"] == length
-                )
+                task: statistics.mean(r["score"] for r in answered(records, length, task))
                 for task in tasks
             }
             counted = [r for r in records if "density" in r and r["length"] == length]
@@ -193,17 +190,23 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
     return table
 
 
+def answered(records: list[dict], length: int, task: str | None = None) -> list[dict]:
+    """A config's scored prompts of one length (and task), in generation order: the same
+    seed gives every config the same prompts in the same order, so they pair by position."""
+    return [
+        r
+        for r in records
+        if "task" in r and r["length"] == length and (task is None or r["task"] == task)
+    ]
+
+
 def same_answer_share(reference: list[dict], records: list[dict], length: int) -> float:
     """Percent of prompts answered with exactly the reference config's text (greedy decoding:
     a changed answer is the sparse path's doing). Far more sensitive than the score ratio,
     where changes in both directions cancel. NaN when the prompts do not pair up."""
 
     def answers(rows: list[dict]) -> list[tuple[str, str]]:
-        return [
-            (r["task"], r["prediction"].strip())
-            for r in rows
-            if "task" in r and r["length"] == length
-        ]
+        return [(r["task"], r["prediction"].strip()) for r in answered(rows, length)]
 
     ours, theirs = answers(records), answers(reference)
     if len(ours) != len(theirs) or not ours:
@@ -221,7 +224,7 @@ def paired_interval(
     rng = random.Random(0)
 
     def scores(rows: list[dict], task: str) -> list[float]:
-        return [r["score"] for r in rows if r.get("task") == task and r["length"] == length]
+        return [r["score"] for r in answered(rows, length, task)]
 
     pairs = {}
     for task in tasks:
