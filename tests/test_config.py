@@ -96,6 +96,7 @@ def test_json_profile_file(tmp_path) -> None:
         ({"local_blocks": 0}, ["local_blocks = 0"]),
         ({"max_blocks": 1}, ["max_blocks=1", "sink_blocks + local_blocks = 3"]),
         ({"dense_layers": [-2]}, ["dense_layers", "-2"]),
+        ({"dense_layers": ["0-3", "5-2"]}, ["dense_layers", "'5-2'"]),
         ({"mode": "random"}, ["mode = 'random'", "top_p", "topk"]),
         ({"layer_overrides": [{"layers": ["3-1"], "tau": 0.5}]}, ["layer_overrides", "'3-1'"]),
         ({"layer_overrides": [{"layers": [2], "tau": 2.0}]}, ["layer_overrides.0.tau", "2.0"]),
@@ -120,13 +121,14 @@ def test_c_h_must_divide_the_group() -> None:
 def test_layer_overrides_and_dense_layers() -> None:
     config = resolve_config(
         {
-            "dense_layers": [0],
+            "dense_layers": [0, "9-10"],
             "layer_overrides": [
                 {"layers": ["2-4"], "tau": 0.97},
                 {"layers": [4, "7"], "mode": "topk", "density": 0.3},
             ],
         }
     )
+    assert config.dense_layers == [0, 9, 10]  # ranges as in layer_overrides
     assert config.for_layer(0).dense and not config.for_layer(1).dense
     assert config.for_layer(1).tau == 0.9
     assert config.for_layer(3).tau == 0.97

@@ -119,7 +119,8 @@ class UniSparseConfig(LayerBudget):
         8192, ge=0, description="Requests shorter than this (context + chunk) stay dense."
     )
     dense_layers: list[int] = Field(
-        default_factory=list, description="Layer indices that always run densely."
+        default_factory=list,
+        description="Layers that always run densely, by index (3) or inclusive range ('0-3').",
     )
     dense_tail_blocks: int = Field(
         1, ge=0, description="Last query blocks of a prompt that get full attention."
@@ -159,6 +160,22 @@ class UniSparseConfig(LayerBudget):
         if block_size % value:
             raise ValueError(f"must divide block_size={block_size}")
         return value
+
+    @field_validator("dense_layers", mode="before")
+    @classmethod
+    def _expand_layer_ranges(cls, layers: Any) -> Any:
+        # Ranges as in layer_overrides; left to the int check otherwise ('0-3' would parse
+        # as the integer -3 there).
+        if not isinstance(layers, list):
+            return layers
+        expanded: list[Any] = []
+        for spec in layers:
+            if isinstance(spec, str):
+                first, last = _parse_layer_spec(spec)
+                expanded.extend(range(first, last + 1))
+            else:
+                expanded.append(spec)
+        return expanded
 
     @field_validator("dense_layers")
     @classmethod
