@@ -298,3 +298,46 @@ def test_counters_are_exported_to_prometheus() -> None:
     assert value("unisparse:prefill_tokens_total", tokens + '"dense"') == 20
     assert value("unisparse:selected_blocks_total", f'layer="{layer}"') == 8
     assert value("unisparse:causal_blocks_total", f'layer="{layer}"') == 14
+
+
+def test_kernels_are_warmed_up_once_per_shape_and_a_failure_only_logs(monkeypatch, caplog) -> None:
+    from types import SimpleNamespace
+
+    from unisparse_vllm.backend import common
+    from unisparse_vllm.config import resolve_config
+    from unisparse_vllm.kernels import warmup
+
+    config = resolve_config({"dense_layers": [0]})
+    monkeypatch.setattr(common, "engine_config", lambda: config)
+    monkeypatch.setattr(common, "_WARMED_UP", set())
+    calls = []
+    monkeypatch.setattr(warmup, "warm_up", lambda *a, **kw: calls.append((a, kw)) or 1)
+    spec = SimpleNamespace(dtype=torch.bfloat16, num_kv_heads=2, head_size=64, block_size=16)
+    model = SimpleNamespace(get_num_attention_heads=lambda parallel: 8, max_model_len=32768)
+    vllm_config = SimpleNamespace(model_config=model, parallel_config=None)
+    layers = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+
+    for _ in range(2):  # a second builder of the same shapes compiles nothing new
+        common.warm_up_sparse_kernels(layers, spec, vllm_config, "cuda")
+    assert len(calls) == 1
+    (budgets,), shapes = calls[0][0][1:], calls[0][1]
+    assert [b.dense for b in budgets] == [True, False]
+    assert (shapes["num_heads"], shapes["head_dim"], shapes["max_seq_len"]) == (8, 64, 32768)
+
+    common.warm_up_sparse_kernels(layers, spec, vllm_config, "cpu")  # the reference path
+    fp8 = SimpleNamespace(**{**vars(spec), "dtype": torch.float8_e4m3fn})
+    common.warm_up_sparse_kernels(layers, fp8, vllm_config, "cuda")  # runs dense
+    assert len(calls) == 1
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("ptxas: out of resources")
+
+    monkeypatch.setattr(warmup, "warm_up", fail)
+    logger = logging.getLogger("vllm.unisparse")  # vLLM's logger may not propagate to root
+    logger.addHandler(caplog.handler)
+    try:
+        common.warm_up_sparse_kernels(layers, spec, vllm_config, "cuda:1")  # does not raise
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "compiling the sparse prefill kernels at start-up failed" in caplog.text
+    assert "out of resources" in caplog.text

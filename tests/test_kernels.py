@@ -201,3 +201,87 @@ def test_selection_kernel_matches_the_reference(budget: dict, ties: bool) -> Non
         assert small < large and len(large) == len(small) + 1, f"seed {seed}: {head, row}"
         at_cut = float(mass[head, row, sorted(small)].sum())
         assert abs(at_cut - budget["tau"]) < 1e-5, f"seed {seed}: {head, row} not at tau"
+
+
+def _warm_up_for(config, hq: int, hkv: int, dim: int, dtype, max_seq_len: int) -> int:
+    from unisparse_vllm.kernels.warmup import warm_up
+
+    budgets = [config.for_layer(layer) for layer in range(4)]
+    return warm_up(
+        config,
+        budgets,
+        num_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=dim,
+        dtype=dtype,
+        page_size=16,
+        max_seq_len=max_seq_len,
+        device=DEVICE,
+    )
+
+
+def test_warm_up_runs_each_distinct_sparse_budget_once() -> None:
+    config = resolve_config(
+        {
+            "block_size": 64,
+            "dense_layers": [0],
+            "layer_overrides": [{"layers": ["2-3"], "mode": "topk", "density": 0.2}],
+        }
+    )
+    # Layer 0 is dense (nothing to compile), layer 1 the default, layers 2 and 3 one top-k.
+    assert _warm_up_for(config, 4, 2, 32, torch.float16, max_seq_len=2048) == 2
+    assert (
+        _warm_up_for(resolve_config({"dense_layers": ["0-3"]}), 4, 2, 32, torch.float16, 2048) == 0
+    )
+
+
+def _compiled_variants() -> dict[str, list[str]]:
+    """Each kernel's compiled variants (their specialization keys)."""
+    from unisparse_vllm.kernels import attention, estimate, select
+
+    jitted = [
+        attention._sparse_attention_kernel,
+        estimate._pool_keys_kernel,
+        estimate._pool_queries_kernel,
+        estimate._block_mass_kernel,
+        select._select_kernel,
+    ]
+    return {
+        k.fn.__name__: sorted(str(key) for cache in k.device_caches.values() for key in cache[0])
+        for k in jitted
+    }
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Triton compiles on a GPU only")
+def test_after_warm_up_no_step_compiles_a_kernel() -> None:
+    """Steps of every shape class (one row, odd widths, chunks over odd contexts, several
+    requests, tables of other widths) run only variants the warm-up compiled."""
+    hq, hkv, dim, dtype = 8, 2, 128, torch.bfloat16
+    config = resolve_config(
+        {"min_sparse_tokens": 0, "layer_overrides": [{"layers": [1], "tau": 0.7}]}
+    )
+    _warm_up_for(config, hq, hkv, dim, dtype, max_seq_len=16384)
+    before = _compiled_variants()
+    steps = [
+        ([1000], [0]),
+        ([128], [0]),
+        ([300, 2000], [130, 4000]),
+        ([200, 640, 90], [0, 5000, 333]),  # tables of other lengths, other alignments
+        ([777], [9001]),
+        ([16384], [0]),
+    ]
+    for query_lens, context_lens in steps:
+        query, kv, batch = random_batch(query_lens, context_lens, hq, hkv, dim, dtype=dtype)
+        paged = kv.to_paged(batch, 16, torch.Generator().manual_seed(0))
+        paged = type(paged)(
+            *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))
+        )
+        query = query.to(DEVICE)
+        for layer in range(2):
+            budget = config.for_layer(layer)
+            plan = kernels.plan_prefill(query, paged, batch, config, budget, scale=0.1)
+            kernels.sparse_attention(query, paged, batch, plan, 0.1)
+    torch.cuda.synchronize()
+    after = _compiled_variants()
+    new = {name: sorted(set(after[name]) - set(keys)) for name, keys in before.items()}
+    assert not any(new.values()), new

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,71 @@ def engine_config() -> UniSparseConfig:
         getattr(model_config, "hf_config", None),
         getattr(model_config, "model", None),
     )
+
+
+_WARMED_UP: set[tuple] = set()  # warm-up keys already compiled in this process
+
+
+def warm_up_sparse_kernels(
+    layer_names: list[str], kv_cache_spec: Any, vllm_config: Any, device: Any
+) -> None:
+    """Compile the sparse prefill's Triton kernels for these layers now, at engine start
+    (``kernels.warmup``), rather than inside the first long request. Call from a metadata
+    builder's ``__init__``. A failure is logged and left to the first request (whose sparse
+    path then falls back to dense, or raises with ``on_error: raise``)."""
+    import torch
+
+    if kernels.choice() == "reference" or torch.device(device).type != "cuda":
+        return
+    dtype = kv_cache_spec.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return  # the sparse path runs on fp16/bf16 caches only (dense_fallback_reason)
+    config = engine_config()
+    model_config = vllm_config.model_config
+    num_heads = model_config.get_num_attention_heads(vllm_config.parallel_config)
+    budgets = [config.for_layer(layer_index(name)) for name in layer_names]
+    key = (
+        str(device),  # Triton keeps its compiled kernels per device
+        num_heads,
+        kv_cache_spec.num_kv_heads,
+        kv_cache_spec.head_size,
+        dtype,
+        kv_cache_spec.block_size,
+        model_config.max_model_len,
+        config.model_dump_json(),
+        tuple(b.model_dump_json() for b in budgets),
+    )
+    if key in _WARMED_UP:
+        return
+    _WARMED_UP.add(key)
+    from ..kernels.warmup import warm_up
+
+    start = time.perf_counter()
+    try:
+        steps = warm_up(
+            config,
+            budgets,
+            num_heads=num_heads,
+            num_kv_heads=kv_cache_spec.num_kv_heads,
+            head_dim=kv_cache_spec.head_size,
+            dtype=dtype,
+            page_size=kv_cache_spec.block_size,
+            max_seq_len=model_config.max_model_len,
+            device=device,
+        )
+    except Exception:
+        logger.warning(
+            "UniSparse: compiling the sparse prefill kernels at start-up failed; the first "
+            "long request will try again",
+            exc_info=True,
+        )
+        return
+    if steps:
+        logger.info(
+            "UniSparse: sparse prefill kernels compiled for %d budget(s) in %.1f s",
+            steps,
+            time.perf_counter() - start,
+        )
 
 
 class SparsePrefillLayer:

@@ -10,6 +10,7 @@ from .batch import (
     PagedKV,
     PrefillBatch,
     device_offsets,
+    int32_tables,
     num_key_blocks,
     query_block_range,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "exact_attention",
     "exact_key_block_probs",
     "fidelity",
+    "int32_tables",
     "num_key_blocks",
     "plan_prefill",
     "pool_heads",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -61,12 +62,25 @@ class PrefillBatch:
         return slice(self.query_start[request], self.query_start[request + 1])
 
 
+def int32_tables(parts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, ...]:
+    """Integer lists as int32 tensors on ``device`` with one host-to-device copy. Each starts
+    16-byte aligned in the shared buffer: Triton compiles a kernel variant per pointer
+    alignment, so unaligned views would compile new variants as the step's sizes vary."""
+    padded = [-(-len(part) // 4) * 4 for part in parts]  # 4 int32 = 16 bytes
+    table = torch.zeros(sum(padded), dtype=torch.int32)
+    start = 0
+    for part, size in zip(parts, padded, strict=True):
+        table[start : start + len(part)] = torch.tensor(part, dtype=torch.int32)
+        start += size
+    views = table.to(device, non_blocking=True).split(padded)
+    return tuple(view[: len(part)] for view, part in zip(views, parts, strict=True))
+
+
 @functools.lru_cache(maxsize=16)
 def device_offsets(batch: PrefillBatch, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(query_start, context_lens)`` as int32 tensors on ``device``, copied once per step
     rather than once per layer (callers only read them)."""
-    table = torch.tensor([*batch.query_start, *batch.context_lens], dtype=torch.int32)
-    query_start, context_lens = table.to(device).split([batch.num_requests + 1, batch.num_requests])
+    query_start, context_lens = int32_tables([batch.query_start, batch.context_lens], device)
     return query_start, context_lens
 
 

@@ -78,7 +78,7 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_ch", "stride_ih", "stride_ir", "num_rows"])
 def _sparse_attention_kernel(
     q_ptr,
     k_ptr,

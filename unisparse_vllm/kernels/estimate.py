@@ -23,7 +23,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ..config import UniSparseConfig
-from ..core import KVSource, PagedKV, PrefillBatch, num_key_blocks, query_block_range
+from ..core import (
+    KVSource,
+    PagedKV,
+    PrefillBatch,
+    int32_tables,
+    num_key_blocks,
+    query_block_range,
+)
 from ..core.estimate import mix_peak
 from .attention import dot_precision
 
@@ -32,7 +39,7 @@ TILE = 64
 _NOT_VISIBLE = tl.constexpr(2**30)  # first-token position of an empty composite-key slot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _pool_keys_kernel(
     key_cache_ptr,
     block_table_ptr,
@@ -135,7 +142,7 @@ def _pool_queries_kernel(
         tl.store(last_ptr + slot, tl.max(tl.where(in_chunk, pos, -1), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_mh", "stride_mrow"])
 def _block_mass_kernel(
     q_ptr,
     q_last_ptr,
@@ -296,9 +303,7 @@ def index_tables(
         tile_rows,
         key_slots,
     )
-    table = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
-    table = table.to(device, non_blocking=True)
-    return tuple(table.split([len(part) for part in parts]))
+    return int32_tables(parts, device)
 
 
 def batch_block_mass(

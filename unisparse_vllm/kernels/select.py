@@ -19,7 +19,9 @@ from ..config import LayerBudget
 _TOP_P, _TOP_K, _ALL = 0, 1, 2
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["stride_mh", "stride_mr", "stride_ch", "stride_ih", "stride_ir", "width"]
+)
 def _select_kernel(
     mass_ptr,
     query_block_ptr,
