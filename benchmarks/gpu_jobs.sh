@@ -9,8 +9,10 @@
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
 # tp2 (e2e at tensor parallel 2: Qwen tokens vs FLASH_ATTN, serve and TTFT on Llama-8B
 # shapes), ruler (eval_ruler on Qwen with the RULER_SPEC file; RULER_LENGTHS overrides its
-# lengths, e.g. one length per run so that each finished length is kept; RULER_GPUS GPUs,
-# RULER_PARALLEL engines at once).
+# lengths, e.g. one length per run so that each finished length is kept; RULER_SAMPLES and
+# RULER_SEED its samples per task and first seed: sample i uses seed + i, so RULER_SEED=25
+# RULER_SAMPLES=75 adds samples 25-99 to a 25-sample run; RULER_GPUS GPUs, RULER_PARALLEL
+# engines at once).
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -21,6 +23,7 @@ export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=/tmp/vllm-
 RESULTS=/tmp/results LOGS=/tmp/logs
 GGUF_PARTS=${GGUF_PARTS:-8}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
+RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
@@ -59,7 +62,8 @@ for job in "$@"; do
         # shellcheck disable=SC2086  # the lengths are words
         step ruler timeout 1700 python3 benchmarks/eval_ruler.py --spec "$RULER_SPEC" \
             --model /tmp/qwen05 --haystack /tmp/data/essays --qa-data /tmp/data/qa \
-            ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} --parallel "$RULER_PARALLEL" \
+            ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
+            ${RULER_SEED:+--seed $RULER_SEED} --parallel "$RULER_PARALLEL" \
             --gpus "$RULER_GPUS" --out-dir "$RESULTS/ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" ;;
     *)
         echo "unknown job $job" ;;

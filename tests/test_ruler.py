@@ -194,6 +194,59 @@ def test_the_interval_narrows_with_more_samples_and_pairs_them() -> None:
     assert many[1] < 100.0 and many[1] - many[0] < few[1] - few[0]
 
 
+def test_runs_combine_into_one_with_more_samples() -> None:
+    from eval_ruler import combine, summarize
+
+    def rec(score: float, tokens: int) -> dict:
+        return {
+            "task": "vt",
+            "length": 64,
+            "score": score,
+            "prediction": "a",
+            "prompt_tokens": tokens,
+            "references": ["1"],
+        }
+
+    def stats(selected: int, causal: int) -> dict:
+        layer = {
+            "sparse_prefill_tokens": 10,
+            "dense_prefill_tokens": 0,
+            "selected_blocks": selected,
+            "causal_blocks": causal,
+        }
+        return {"stats": {"layer.1": {**layer, "mean_density": selected / causal}}}
+
+    first = {
+        "records": {
+            "dense": [rec(100.0, 50), rec(0.0, 51)],
+            "sparse": [
+                rec(100.0, 50),
+                rec(0.0, 51),
+                {"length": 64, "density": 0.75, **stats(1, 2)},
+            ],
+        }
+    }  # two layers, layer 0 dense: (0.5 + 1) / 2 = 0.75; no num_layers stored yet
+    second = {
+        "records": {
+            "dense": [rec(100.0, 52), rec(100.0, 53)],
+            "sparse": [
+                rec(0.0, 52),
+                rec(100.0, 53),
+                {"length": 64, "density": 0.6, "num_layers": 2, **stats(3, 30)},
+            ],
+        }
+    }
+    results = combine([first, second])
+    table = summarize(results, ["vt"], [64])
+    assert table["dense"][64]["average"] == 75.0 and table["sparse"][64]["average"] == 50.0
+    assert table["sparse"][64]["density"] == pytest.approx((4 / 32 + 1) / 2)  # counters summed
+    assert table["sparse"][64]["same_answer"] == 100.0  # predictions pair over all four
+
+    second["records"]["sparse"][0]["prompt_tokens"] = 99  # not the reference's prompt
+    with pytest.raises(SystemExit, match="'sparse' did not answer the prompts of 'dense'"):
+        combine([first, second])
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
