@@ -67,12 +67,18 @@ def combine(runs: list[dict]) -> dict[str, list[dict]]:
     the density is over all prompts. Sample i of a run uses seed + i, so runs with disjoint
     seed ranges add samples (``--seed 25 --samples 75`` after a 25-sample run). Every config
     must answer the prompts of the first config (the reference) in the same order: the
-    interval and the same-answer share pair them; a config that does not exits, named."""
-    results: dict[str, list[dict]] = {}
+    interval and the same-answer share pair them; a config that does not exits, named.
+    Configs missing from some run are left out (printed)."""
+    common = [n for n in runs[0]["records"] if all(n in run["records"] for run in runs)]
+    left_out = sorted({n for run in runs for n in run["records"]} - set(common))
+    if left_out:
+        print(f"--combine: not in every run, left out: {', '.join(left_out)}")
+    results: dict[str, list[dict]] = {name: [] for name in common}
     stats: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
-        for name, records in run["records"].items():
-            results.setdefault(name, []).extend(r for r in records if "task" in r)
+        for name in common:
+            records = run["records"][name]
+            results[name].extend(r for r in records if "task" in r)
             for r in records:
                 if "stats" in r:
                     stats.setdefault((name, r["length"]), []).append(r)
@@ -84,6 +90,13 @@ def combine(runs: list[dict]) -> dict[str, list[dict]]:
         rows = answered(records, length)
         return [(r["task"], r["prompt_tokens"], tuple(r["references"])) for r in rows]
 
+    for length in {r["length"] for r in results[reference]}:
+        keys = prompts(results[reference], length)
+        if len(set(keys)) < len(keys):
+            print(
+                f"--combine: {len(keys) - len(set(keys))} prompts at {length} repeat "
+                "(runs with overlapping seeds?)"
+            )
     for name, records in results.items():
         for length in {r["length"] for r in results[reference]}:
             if prompts(records, length) != prompts(results[reference], length):

@@ -236,7 +236,9 @@ def test_runs_combine_into_one_with_more_samples() -> None:
             ],
         }
     }
+    first["records"]["later"] = first["records"]["dense"]  # in one run only: left out
     results = combine([first, second])
+    assert list(results) == ["dense", "sparse"]
     table = summarize(results, ["vt"], [64])
     assert table["dense"][64]["average"] == 75.0 and table["sparse"][64]["average"] == 50.0
     assert table["sparse"][64]["density"] == pytest.approx((4 / 32 + 1) / 2)  # counters summed
