@@ -78,7 +78,11 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["stride_bt", "stride_ch", "stride_ih", "stride_ir", "num_rows"])
+# The block table is vLLM's, sliced past the step's decodes: its alignment varies.
+@triton.jit(
+    do_not_specialize=["stride_bt", "stride_ch", "stride_ih", "stride_ir", "num_rows"],
+    do_not_specialize_on_alignment=["block_table_ptr"],
+)
 def _sparse_attention_kernel(
     q_ptr,
     k_ptr,

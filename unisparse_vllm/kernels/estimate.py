@@ -39,7 +39,7 @@ TILE = 64
 _NOT_VISIBLE = tl.constexpr(2**30)  # first-token position of an empty composite-key slot
 
 
-@triton.jit(do_not_specialize=["stride_table"])
+@triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["block_table_ptr"])
 def _pool_keys_kernel(
     key_cache_ptr,
     block_table_ptr,

@@ -8,7 +8,9 @@ warm-up enough:
 
 - the kernels' per-step integers (row counts, table widths, the strides of per-step
   tensors) are ``do_not_specialize``: Triton would otherwise compile a variant per
-  "divisible by 16" / "equal to 1" class of each;
+  "divisible by 16" / "equal to 1" class of each; pointers are 16-byte aligned
+  (``core.int32_tables``) or, vLLM's block table sliced past the decodes, not specialized
+  on alignment;
 - what remains compile-time is fixed by the model and the config (head size, dtype, group,
   block and composite sizes, each layer's selection mode, the bounds of its budget), except
   the selection kernel's row width (a power of two >= the key blocks of the longest
