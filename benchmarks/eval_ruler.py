@@ -62,48 +62,47 @@ def fallback_share(stats: dict[str, dict]) -> float:
 
 
 def combine(runs: list[dict]) -> dict[str, list[dict]]:
-    """Several runs' records (``results.json`` contents) as one run: per config, the runs'
-    records in the order given, and per length one stats record with the counters summed, so
-    the density is over all prompts. Sample i of a run uses seed + i, so runs with disjoint
-    seed ranges add samples (``--seed 25 --samples 75`` after a 25-sample run). Every config
-    must answer the prompts of the first config (the reference) in the same order: the
-    interval and the same-answer share pair them; a config that does not exits, named.
-    Configs missing from some run are left out (printed)."""
-    common = [n for n in runs[0]["records"] if all(n in run["records"] for run in runs)]
-    left_out = sorted({n for run in runs for n in run["records"]} - set(common))
-    if left_out:
-        print(f"--combine: not in every run, left out: {', '.join(left_out)}")
-    results: dict[str, list[dict]] = {name: [] for name in common}
+    """Several runs' records (``results.json`` contents) as one run: per config, its records
+    from every run that has it, in the order given, and per length one stats record with the
+    counters summed, so the density is over all prompts. Sample i of a run uses seed + i, so
+    runs with disjoint seed ranges add samples (``--seed 25 --samples 75`` after a 25-sample
+    run; give the files in seed order). The first config is the reference; a config that did
+    not answer its prompts in the same order (the interval and the same-answer share pair
+    them) is left out, printed with why."""
+    results: dict[str, list[dict]] = {}
     stats: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
-        for name in common:
-            records = run["records"][name]
-            results[name].extend(r for r in records if "task" in r)
+        for name, records in run["records"].items():
+            results.setdefault(name, []).extend(r for r in records if "task" in r)
             for r in records:
                 if "stats" in r:
                     stats.setdefault((name, r["length"]), []).append(r)
     for (name, length), parts in stats.items():
         results[name].append(_summed_stats(length, parts))
     reference = next(iter(results))
+    lengths = sorted({r["length"] for r in results[reference]})
 
     def prompts(records: list[dict], length: int) -> list[tuple]:
         rows = answered(records, length)
         return [(r["task"], r["prompt_tokens"], tuple(r["references"])) for r in rows]
 
-    for length in {r["length"] for r in results[reference]}:
+    for length in lengths:
         keys = prompts(results[reference], length)
         if len(set(keys)) < len(keys):
             print(
                 f"--combine: {len(keys) - len(set(keys))} prompts at {length} repeat "
                 "(runs with overlapping seeds?)"
             )
-    for name, records in results.items():
-        for length in {r["length"] for r in results[reference]}:
-            if prompts(records, length) != prompts(results[reference], length):
-                raise SystemExit(
-                    f"--combine: config {name!r} did not answer the prompts of {reference!r} "
-                    f"at length {length} (same seeds, same order of files needed)"
+    for name in list(results):
+        for length in lengths:
+            ours, theirs = prompts(results[name], length), prompts(results[reference], length)
+            if ours != theirs:
+                print(
+                    f"--combine: left out {name!r}: at length {length} it answered "
+                    f"{len(ours)} prompts, not the {len(theirs)} of {reference!r} in order"
                 )
+                del results[name]
+                break
     return results
 
 
