@@ -219,7 +219,7 @@ def scenario(name: str, query_lens: list[int], context_lens: list[int], args, ge
         q_s, k_s, v_s = structured_qkv(s, HQ, HKV, DIM, seed=0, device=device, dtype=torch.bfloat16)
         kv_s = paged(k_s, v_s, [s], gen)
         q_s = q_s[context_lens[0] :]
-        config = resolve_config({"tau": 0.9, "min_sparse_tokens": 0})
+        config = resolve_config({"tau": 0.9, "min_sparse_tokens": 0, **args.config})
         budget = config.for_layer(1)
         row["estimate_ms"] = bench(
             lambda: batch_block_mass(
@@ -285,6 +285,12 @@ def main() -> None:
     )
     parser.add_argument("--no-mixed", action="store_true", help="skip the chunked and batch cases")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        help="UniSparse options of the end-to-end columns, JSON (default: tau 0.9)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
