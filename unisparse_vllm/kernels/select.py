@@ -91,6 +91,12 @@ def _select_kernel(
     tl.store(counts_ptr + head * stride_ch + row, count)
 
 
+def row_tile(width: int) -> int:
+    """The selection kernel's row tile for rows of ``width`` key blocks (compile-time: one
+    kernel variant per value)."""
+    return max(16, triton.next_power_of_2(width))
+
+
 def select_blocks(
     mass: Tensor, query_block: Tensor, budget: LayerBudget, dense_rows: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -135,7 +141,7 @@ def select_blocks(
         -1 if budget.max_blocks is None else budget.max_blocks,
         budget.tau,
         MODE=mode,
-        BLOCK_W=max(16, triton.next_power_of_2(width)),
+        BLOCK_W=row_tile(width),
         num_warps=4,
     )
     return counts, indices

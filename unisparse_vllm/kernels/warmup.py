@@ -28,7 +28,7 @@ from ..config import LayerBudget, UniSparseConfig
 from ..core import PagedKV, PrefillBatch
 from . import plan_prefill
 from .attention import sparse_attention
-from .select import select_blocks
+from .select import row_tile, select_blocks
 
 
 def warm_up(
@@ -52,23 +52,19 @@ def warm_up(
     block = config.block_size
     # Three blocks, the last partial: rows to estimate, a dense tail, a partial diagonal.
     seq_len = 2 * block + block // 2
-    # vLLM's block tables are as wide as the longest sequence allows; the same width here.
-    table_width = math.ceil(max_seq_len / page_size)
     pages = math.ceil(seq_len / page_size)
     key_cache = torch.randn(pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device)
     kv = PagedKV(
         key_cache,
         torch.randn_like(key_cache),
-        torch.zeros(1, table_width, dtype=torch.int32, device=device),
+        torch.arange(pages, dtype=torch.int32, device=device)[None],
     )
-    kv.block_table[0, :pages] = torch.arange(pages, dtype=torch.int32, device=device)
     query = torch.randn(seq_len, num_heads, head_dim, dtype=dtype, device=device)
     batch = PrefillBatch.from_lens([seq_len])
     step_config = config.model_copy(update={"min_sparse_tokens": 0})
     scale = head_dim**-0.5
-    widths = [
-        2**p for p in range(4, max(4, math.ceil(math.log2(math.ceil(max_seq_len / block)))) + 1)
-    ]
+    widest = row_tile(math.ceil(max_seq_len / block))
+    widths = [2**p for p in range(4, widest.bit_length())]  # 16 .. widest
     for budget in distinct.values():
         plan = plan_prefill(query, kv, batch, step_config, budget, scale=scale)
         sparse_attention(query, kv, batch, plan, scale)
