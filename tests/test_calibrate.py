@@ -33,7 +33,7 @@ def _calibrate(
     tiny: Path, text: Path, out: Path, target: float, taus: tuple[str, ...] = ("0.5", "0.8", "0.95")
 ) -> dict:
     argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
-    argv += ["--block-size", "64", "--c", "8", "--target-recall", str(target)]
+    argv += ["--block-size", "64", "--c-q", "8", "--c-k", "8", "--target-recall", str(target)]
     argv += ["--out", str(out), "--taus", *taus]
     assert main(argv) == 0
     return yaml.safe_load(out.read_text())
@@ -97,17 +97,24 @@ def test_each_layer_is_estimated_once_for_all_taus(monkeypatch) -> None:
     assert choice.density == fresh.density()
 
 
-def test_the_command_line_tries_the_default_taus(monkeypatch, text: Path, tmp_path: Path) -> None:
+def test_the_command_line_tries_the_default_taus_and_pools_as_asked(
+    monkeypatch, text: Path, tmp_path: Path
+) -> None:
     from unisparse_vllm import calibrate
 
     class Seen(Exception):
         pass
 
     def record(model: str, texts: list[str], **kwargs) -> None:
-        raise Seen(kwargs["taus"])
+        raise Seen(kwargs["taus"], kwargs["config"])
 
     monkeypatch.setattr(calibrate, "calibrate", record)
     argv = ["calibrate", "--model", "m", "--text", str(text), "--out", str(tmp_path / "p.yaml")]
     with pytest.raises(Seen) as seen:
         main(argv)
-    assert seen.value.args[0] == calibrate.DEFAULT_TAUS
+    taus, config = seen.value.args
+    assert taus == calibrate.DEFAULT_TAUS
+    assert (config.c_q, config.c_k) == (16, 16)
+    with pytest.raises(Seen) as seen:
+        main([*argv, "--c-q", "4"])
+    assert (seen.value.args[1].c_q, seen.value.args[1].c_k) == (4, 16)

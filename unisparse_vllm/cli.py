@@ -42,7 +42,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
     config = resolve_config(
-        {"block_size": args.block_size, "c_q": args.c, "c_k": args.c, "c_h": args.c_h},
+        {
+            name: value
+            for name, value in (("c_q", args.c_q), ("c_k", args.c_k), ("c_h", args.c_h))
+            if value is not None
+        }
+        | {"block_size": args.block_size},
         model_type=_model_type(args.model),
         model_name=args.model,
     )
@@ -101,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--target-recall", type=float, default=0.95)
     calibrate.add_argument("--tokens", type=int, default=4096)
     calibrate.add_argument("--block-size", type=int, default=128)
-    calibrate.add_argument("--c", type=int, default=16, help="c_q = c_k")
-    calibrate.add_argument("--c-h", type=int, help="query heads pooled (default: the GQA group)")
+    calibrate.add_argument("--c-q", type=int, help="queries pooled (default: the profile's)")
+    calibrate.add_argument("--c-k", type=int, help="keys pooled (default: the profile's)")
+    calibrate.add_argument("--c-h", type=int, help="query heads pooled (default: the profile's)")
     calibrate.add_argument(
         "--taus",
         type=float,
