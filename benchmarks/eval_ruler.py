@@ -454,6 +454,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         default='[{"name": "dense"}]',
         help="JSON list of configs; the first is the reference of the '%% of 1st' column",
     )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run only these of the configs (by name)"
+    )
     parser.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments")
     parser.add_argument("--qa-data", type=Path, help="folder with squad.json and hotpotqa.json")
     parser.add_argument("--parallel", type=int, default=1, help="configs run at once")
@@ -497,6 +500,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         parser.error(f"config names must be unique: {', '.join(map(str, repeated))} repeats")
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            parser.error(f"--only: no config named {', '.join(map(repr, unknown))} (in {names})")
+        configs = [c for c in configs if c["name"] in args.only]
     return args, configs, engine_args
 
 

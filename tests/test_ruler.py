@@ -364,16 +364,21 @@ def test_spec_file_sets_options_and_the_command_line_wins(tmp_path: Path) -> Non
     assert (args.lengths, args.samples, args.tasks) == ([1024, 2048], 5, ["niah_single", "vt"])
     assert args.haystack == Path("essays") and engine_args == {"enforce_eager": True}
     assert configs[1] == {"name": "sparse", "backend": "unisparse", "unisparse": {"tau": 0.8}}
+    _, configs, _ = parse_args(["--spec", str(spec), "--model", "m", "--only", "sparse"])
+    assert [c["name"] for c in configs] == ["sparse"]
 
 
-def test_shipped_spec_parses(monkeypatch) -> None:
+SPECS = sorted(p for p in (BENCH / "ruler_specs").glob("*.yaml") if "configs:" in p.read_text())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_shipped_specs_parse(monkeypatch, spec: Path) -> None:
     from eval_ruler import parse_args
 
-    spec = BENCH / "ruler_specs" / "qwen05.yaml"
     args, configs, _ = parse_args(
         ["--spec", str(spec), "--model", "m", "--haystack", "h", "--qa-data", "q"]
     )
-    assert args.lengths == [16384, 32768] and "backend" not in configs[0]
+    assert args.lengths and "backend" not in configs[0]
     assert len({c["name"] for c in configs}) == len(configs) > 1
     from unisparse_vllm.config import resolve_config
 
@@ -390,6 +395,7 @@ def test_shipped_spec_parses(monkeypatch) -> None:
         ("- 1\n- 2\n", "must hold a mapping"),
         ("configs: [{backend: unisparse}]\n", "each with a name"),
         ("configs: [{name: a}, {name: a, backend: unisparse}]\n", "unique: a repeats"),
+        ("configs: [{name: a}]\nonly: [b]\n", "--only: no config named 'b'"),
     ],
 )
 def test_bad_spec_file_is_refused_naming_the_problem(tmp_path: Path, capsys, text, message) -> None:
