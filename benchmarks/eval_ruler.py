@@ -61,14 +61,15 @@ def fallback_share(stats: dict[str, dict]) -> float:
     return dense / (sparse + dense) if sparse + dense else 0.0
 
 
-def combine(runs: list[dict]) -> dict[str, list[dict]]:
+def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, list[dict]]:
     """Several runs' records (``results.json`` contents) as one run: per config, its records
     from every run that has it, in the order given, and per length one stats record with the
     counters summed, so the density is over all prompts. Sample i of a run uses seed + i, so
     runs with disjoint seed ranges add samples (``--seed 25 --samples 75`` after a 25-sample
-    run; give the files in seed order). The first config is the reference; a config that did
-    not answer its prompts in the same order (the interval and the same-answer share pair
-    them) is left out, printed with why."""
+    run; give the files in seed order). ``lengths`` (default: the reference's) keeps only
+    those, so that configs run at fewer lengths can join. The first config is the reference; a
+    config that did not answer its prompts in the same order (the interval and the
+    same-answer share pair them) is left out, printed with why."""
     results: dict[str, list[dict]] = {}
     stats: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
@@ -80,7 +81,7 @@ def combine(runs: list[dict]) -> dict[str, list[dict]]:
     for (name, length), parts in stats.items():
         results[name].append(_summed_stats(length, parts))
     reference = next(iter(results))
-    lengths = sorted({r["length"] for r in results[reference]})
+    lengths = sorted(lengths or {r["length"] for r in results[reference]})
 
     def prompts(records: list[dict], length: int) -> list[tuple]:
         rows = answered(records, length)
@@ -94,6 +95,7 @@ def combine(runs: list[dict]) -> dict[str, list[dict]]:
                 "(runs with overlapping seeds?)"
             )
     for name in list(results):
+        results[name] = [r for r in results[name] if r["length"] in lengths]
         for length in lengths:
             ours, theirs = prompts(results[name], length), prompts(results[reference], length)
             if ours != theirs:
@@ -379,7 +381,7 @@ def main() -> None:
     args, configs, engine_args = parse_args()
     if args.combine:
         runs = [json.loads(path.read_text()) for path in args.combine]
-        results = combine(runs)
+        results = combine(runs, args.lengths)
         reference = next(iter(results.values()))
         tasks = list(dict.fromkeys(r["task"] for r in reference if "task" in r))
         lengths = sorted({r["length"] for r in reference})
@@ -446,7 +448,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--model")
     parser.add_argument("--haystack", type=Path, help="essay .txt folder or file")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", help="default 4096 8192 16384 32768 (--combine: all)"
+    )
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -480,6 +484,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error(f"--configs / --engine-args must be JSON: {err}")
     if args.worker or args.combine:
         return args, configs, engine_args
+    args.lengths = args.lengths or [4096, 8192, 16384, 32768]
     if not args.model or not args.haystack:
         parser.error("--model and --haystack are required")
     bad_tasks = [t for t in args.tasks if t not in TASKS]

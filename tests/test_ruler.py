@@ -246,6 +246,12 @@ def test_runs_combine_into_one_with_more_samples() -> None:
 
     third = {"records": {"late": first["records"]["dense"] + second["records"]["dense"]}}
     assert list(combine([first, second, third])) == ["dense", "sparse", "late"]  # all four
+    longer = {**rec(100.0, 90), "length": 128}
+    first["records"]["dense"].append(longer)  # the reference also ran 128, the others not
+    assert list(combine([first, second, third])) == ["dense"]
+    results = combine([first, second, third], lengths=[64])
+    assert list(results) == ["dense", "sparse", "late"] and longer not in results["dense"]
+    first["records"]["dense"].remove(longer)
     second["records"]["sparse"][0]["prompt_tokens"] = 99  # not the reference's prompt
     assert list(combine([first, second])) == ["dense"]
 
