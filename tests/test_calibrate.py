@@ -114,7 +114,7 @@ def test_the_command_line_tries_the_default_taus_and_pools_as_asked(
         main(argv)
     taus, config = seen.value.args
     assert taus == calibrate.DEFAULT_TAUS
-    assert (config.c_q, config.c_k) == (16, 16)
+    assert (config.c_q, config.c_k) == (4, 16)
     with pytest.raises(Seen) as seen:
-        main([*argv, "--c-q", "4"])
-    assert (seen.value.args[1].c_q, seen.value.args[1].c_k) == (4, 16)
+        main([*argv, "--c-q", "16", "--c-k", "8"])
+    assert (seen.value.args[1].c_q, seen.value.args[1].c_k) == (16, 8)

@@ -110,7 +110,7 @@ class UniSparseConfig(LayerBudget):
     """The whole sparsity budget of a model (defaults of ALGORITHM.md)."""
 
     block_size: Literal[64, 128] = Field(128, description="Query/key block size in tokens.")
-    c_q: int = Field(16, ge=1, description="Queries pooled into one composite query.")
+    c_q: int = Field(4, ge=1, description="Queries pooled into one composite query.")
     c_k: int = Field(16, ge=1, description="Keys pooled into one composite key.")
     c_h: int | None = Field(
         None, ge=1, description="Query heads pooled per selection (None: the whole GQA group)."
