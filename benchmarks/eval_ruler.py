@@ -6,7 +6,8 @@
                      "unisparse": {"tau": 0.9}}]'
 
 or with the options in a YAML file (``--spec benchmarks/ruler_specs/qwen05.yaml``; the
-command line wins over it). Each config runs in its own process (one engine each;
+command line wins over it). The prompts are made once, on every CPU core, before any engine
+starts (``make_prompts``). Each config runs in its own process (one engine each;
 ``--parallel N`` runs N at once, spread round-robin over ``--gpus G`` GPUs, splitting their
 memory); prints a table (per task and average, per length, with the selected density of
 UNISPARSE configs), writes ``results.json`` and ``accuracy.png`` under ``--out-dir``. A
@@ -132,23 +133,61 @@ def _summed_stats(length: int, parts: list[dict]) -> dict:
     }
 
 
-def worker(spec: dict) -> list[dict]:
-    """Generate every sample of ``spec`` with one engine; returns one record per sample, and
-    per length one ``stats`` record (UNISPARSE counters over that length's prompts)."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+_SOURCES: dict = {}  # per prompt-making process: its haystack and QA corpora
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+
+def _load_sources(model: str, haystack: str, qa_data: str, tasks: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    hay = Haystack(haystack_text(Path(spec["haystack"])), count_tokens)
-    qa = {
-        task: QACorpus.load(task, Path(spec["qa_data"]), count_tokens)
-        for task in spec["tasks"]
-        if task in QA_FILES
+    _SOURCES["hay"] = Haystack(haystack_text(Path(haystack)), count_tokens)
+    _SOURCES["qa"] = {
+        task: QACorpus.load(task, Path(qa_data), count_tokens) for task in tasks if task in QA_FILES
     }
+
+
+def _make_prompt(item: tuple[str, int, int]) -> dict:
+    task, budget, seed = item
+    sample = generate(task, _SOURCES["hay"], budget, seed, _SOURCES["qa"])
+    return {"task": sample.task, "prompt": sample.prompt, "references": sample.references}
+
+
+def make_prompts(spec: dict, processes: int) -> dict[str, list[dict]]:
+    """Every length's prompts (the same for every config: one seed), made once, in
+    ``processes`` processes: tokenizing 32K-token haystacks takes minutes on one core, which
+    each engine used to spend on its own while holding its GPU."""
+    import multiprocessing
+
+    items = {
+        length: [
+            (task, length - ANSWER_TOKENS - 64, spec["seed"] + i)  # prompt + answer fit
+            for task in spec["tasks"]
+            for i in range(spec["samples"])
+        ]
+        for length in spec["lengths"]
+    }
+    flat = [item for length_items in items.values() for item in length_items]
+    sources = (spec["model"], spec["haystack"], spec["qa_data"], spec["tasks"])
+    # spawn: the tokenizer's threads make forking this process unsafe
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(processes, len(flat)), _load_sources, sources) as pool:
+        made = iter(pool.map(_make_prompt, flat, chunksize=4))
+    return {
+        str(length): [next(made) for _ in length_items] for length, length_items in items.items()
+    }
+
+
+def worker(spec: dict) -> list[dict]:
+    """Answer ``spec``'s prompts (``make_prompts``, read from ``spec["prompts_file"]``) with
+    one engine; returns one record per prompt, and per length one ``stats`` record (UNISPARSE
+    counters over that length's prompts)."""
+    from vllm import LLM, SamplingParams
+
+    prompts = json.loads(Path(spec["prompts_file"]).read_text())
     kwargs: dict = {"model": spec["model"], "max_model_len": max(spec["lengths"]), "seed": 0}
     if spec.get("backend"):
         kwargs["attention_backend"] = spec["backend"]
@@ -164,29 +203,24 @@ def worker(spec: dict) -> list[dict]:
         num_layers = llm.llm_engine.model_config.hf_config.num_hidden_layers
     records: list[dict] = []
     for length in spec["lengths"]:
-        budget = length - ANSWER_TOKENS - 64  # the prompt and its answer fit in ``length``
-        samples = [
-            generate(task, hay, budget, spec["seed"] + i, qa)
-            for task in spec["tasks"]
-            for i in range(spec["samples"])
-        ]
+        samples = prompts[str(length)]
         params = [
-            SamplingParams(temperature=0, max_tokens=MAX_TOKENS.get(s.task, DEFAULT_MAX_TOKENS))
+            SamplingParams(temperature=0, max_tokens=MAX_TOKENS.get(s["task"], DEFAULT_MAX_TOKENS))
             for s in samples
         ]
         if sparse:
             STATS.reset()
-        outputs = llm.generate([s.prompt for s in samples], params)
+        outputs = llm.generate([s["prompt"] for s in samples], params)
         for sample, out in zip(samples, outputs, strict=True):
             text = out.outputs[0].text
             records.append(
                 {
-                    "task": sample.task,
+                    "task": sample["task"],
                     "length": length,
                     "prompt_tokens": len(out.prompt_token_ids),
-                    "score": score(sample.task, text, sample.references),
+                    "score": score(sample["task"], text, sample["references"]),
                     "prediction": text[:200],
-                    "references": sample.references,
+                    "references": sample["references"],
                 }
             )
         if sparse and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
@@ -408,8 +442,11 @@ def main() -> None:
         "engine_args": engine_args,
     }
     with tempfile.TemporaryDirectory() as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(make_prompts(base, os.cpu_count() or 1)))
         work_dir = args.out_dir / "configs" if args.out_dir else Path(tmp)
-        results = run_configs([{**base, **c} for c in configs], args.parallel, work_dir, args.gpus)
+        specs = [{**base, **c, "prompts_file": str(prompts_file)} for c in configs]
+        results = run_configs(specs, args.parallel, work_dir, args.gpus)
     if not results:
         raise SystemExit("every config failed")
     report(results, args.tasks, args.lengths, base, args)

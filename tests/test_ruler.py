@@ -256,6 +256,31 @@ def test_runs_combine_into_one_with_more_samples() -> None:
     assert list(combine([first, second])) == ["dense"]
 
 
+def test_prompts_are_made_once_in_parallel_in_generation_order(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    import eval_ruler
+    from tiny_model import build_tiny_llama
+
+    haystack = tmp_path / "essay.txt"
+    haystack.write_text(TEXT)
+    spec = {
+        "model": str(build_tiny_llama(tmp_path / "tiny")),
+        "haystack": str(haystack),
+        "qa_data": str(write_qa_data(tmp_path / "qa")),
+        "tasks": ["niah_single", "vt", "qa_squad"],
+        "lengths": [512, 700],
+        "samples": 2,
+        "seed": 7,
+    }
+    made = eval_ruler.make_prompts(spec, processes=2)
+    eval_ruler._load_sources(spec["model"], spec["haystack"], spec["qa_data"], spec["tasks"])
+    for length in spec["lengths"]:  # what one engine used to make for itself, in its order
+        budget = length - eval_ruler.ANSWER_TOKENS - 64
+        items = [(t, budget, 7 + i) for t in spec["tasks"] for i in range(2)]
+        assert made[str(length)] == [eval_ruler._make_prompt(item) for item in items]
+    assert made["512"][0]["prompt"] != made["512"][1]["prompt"]  # seeds differ per sample
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
