@@ -285,7 +285,10 @@ def test_counters_are_exported_to_prometheus() -> None:
 
     stats, layer = SparseStats(), "model.layers.7.self_attn.attn.prometheus-test"
     stats.record(layer, sparse_tokens=300, dense_tokens=20, selected=6, causal=10)
-    stats.record(layer, sparse_tokens=100, dense_tokens=0, selected=2, causal=4)
+    stats.record(layer, sparse_tokens=100, dense_tokens=0, selected=torch.tensor(2), causal=4)
+    stats.record(layer, sparse_tokens=0, dense_tokens=0, selected=torch.tensor(3), causal=5)
+    assert stats.layers[layer].selected_blocks == 11  # the device counts, read with the rest
+    assert stats.layers[layer].mean_density == 11 / 19
     exposed = prometheus_client.generate_latest().decode()
 
     def value(metric: str, labels: str) -> float:
@@ -296,8 +299,39 @@ def test_counters_are_exported_to_prometheus() -> None:
     tokens = f'layer="{layer}",path='
     assert value("unisparse:prefill_tokens_total", tokens + '"sparse"') == 400
     assert value("unisparse:prefill_tokens_total", tokens + '"dense"') == 20
-    assert value("unisparse:selected_blocks_total", f'layer="{layer}"') == 8
-    assert value("unisparse:causal_blocks_total", f'layer="{layer}"') == 14
+    assert value("unisparse:selected_blocks_total", f'layer="{layer}"') == 11
+    assert value("unisparse:causal_blocks_total", f'layer="{layer}"') == 19
+
+
+def test_the_sparse_step_does_not_read_the_plan_on_the_host(monkeypatch) -> None:
+    """Without a density check nothing in the step reads the selected count (on a GPU, a
+    host wait per layer); with one, the check reads it once."""
+    from unisparse_vllm.backend.common import prefill_work
+    from unisparse_vllm.backend.stats import STATS
+    from unisparse_vllm.core import BlockPlan
+
+    class Watched(torch.Tensor):
+        reads = 0
+
+        def __int__(self) -> int:
+            Watched.reads += 1
+            return int(self.item())
+
+    monkeypatch.setattr(BlockPlan, "block_totals", lambda self: pytest.fail("read on the host"))
+    monkeypatch.setattr(
+        BlockPlan, "selected_blocks", lambda self: self.counts.sum().as_subclass(Watched)
+    )
+    kv_cache = torch.randn(20, 2, 16, 32)
+    work = prefill_work(
+        torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
+    )
+    for threshold, reads in ((None, 0), (0.99, 1)):
+        Watched.reads = 0
+        layer = _sparse_layer(monkeypatch, tau=0.5, dense_above_density=threshold)
+        name = f"model.layers.3.attn.no-read-{threshold}"
+        layer.forward(name, torch.randn(300, 64), kv_cache, work, torch.empty(300, 64), lambda: 0)
+        assert Watched.reads == reads
+        assert 0 < STATS.layers[name].mean_density < 1  # read here, with the counters
 
 
 def test_kernels_are_warmed_up_once_per_shape_and_a_failure_only_logs(monkeypatch, caplog) -> None:

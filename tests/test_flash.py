@@ -123,10 +123,13 @@ def test_the_flash_choice_names_why_fa3_cannot_run() -> None:
 def test_auto_dense_threshold_follows_the_attention_that_runs() -> None:
     from unisparse_vllm import kernels
 
-    query, paged, _, plan, _ = plan_for(CASES[0], seed=0)
-    auto, fixed = resolve_config({}), resolve_config({"dense_above_density": 0.2})
-    assert auto.dense_above_density == "auto"
-    on_cpu = kernels.attention_implementation(query, paged, plan)
+    query, paged, batch, plan, _ = plan_for(CASES[0], seed=0)
+    auto, fixed = (
+        resolve_config({"dense_above_density": "auto"}),
+        resolve_config({"dense_above_density": 0.2}),
+    )
+    assert resolve_config({}).dense_above_density is None  # no check: no host wait per layer
+    on_cpu = kernels.attention_implementation(query, paged, batch, plan)
     assert on_cpu == "reference" and kernels.dense_above_density(on_cpu, auto) == 0.45
     assert kernels.dense_above_density(on_cpu, fixed) == 0.2
     assert kernels.dense_above_density("flash", auto) == 0.85
@@ -135,15 +138,15 @@ def test_auto_dense_threshold_follows_the_attention_that_runs() -> None:
 def test_auto_takes_fa3_only_where_its_per_call_cost_pays(monkeypatch) -> None:
     from unisparse_vllm import kernels
 
-    query, paged, _, plan, _ = plan_for(CASES[0], seed=0)
+    query, paged, batch, plan, _ = plan_for(CASES[0], seed=0)
     monkeypatch.setattr(flash, "unusable_reason", lambda *args: None)  # as on a Hopper GPU
-    pairs = plan.block_totals()[0] * plan.heads_per_selection
-    assert pairs < 1000 and kernels.attention_implementation(query, paged, plan) != "flash"
+    pairs = plan.block_totals()[1] * plan.heads_per_selection  # causal: the step's size
+    assert pairs < 2000 and kernels.attention_implementation(query, paged, batch, plan) != "flash"
     monkeypatch.setattr(kernels, "FLASH_MS_PER_CALL", 0.0)
-    assert kernels.attention_implementation(query, paged, plan) == "flash"
+    assert kernels.attention_implementation(query, paged, batch, plan) == "flash"
     kernels.use("flash")  # insisting skips the cost model
     monkeypatch.setattr(kernels, "FLASH_MS_PER_CALL", 1e9)
     try:
-        assert kernels.attention_implementation(query, paged, plan) == "flash"
+        assert kernels.attention_implementation(query, paged, batch, plan) == "flash"
     finally:
         kernels.use(None)

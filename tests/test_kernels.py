@@ -286,3 +286,30 @@ def test_after_warm_up_no_step_compiles_a_kernel() -> None:
     after = _compiled_variants()
     new = {name: sorted(set(after[name]) - set(keys)) for name, keys in before.items()}
     assert not any(new.values()), new
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the host waits for a GPU only")
+def test_a_triton_step_after_the_first_layer_makes_the_host_wait_for_nothing() -> None:
+    """Plan and Triton attention of a layer, once the step's tables exist (the first layer
+    copies them to the device), run with no device-to-host sync: the host can queue the
+    next layers while the GPU works (RESULTS.md section 4, host overhead)."""
+    config = resolve_config({"min_sparse_tokens": 0})
+    query, kv, batch = random_batch([3000], [2000], 8, 2, 128, dtype=torch.bfloat16)
+    paged = kv.to_paged(batch, 16, torch.Generator().manual_seed(0))
+    paged = type(paged)(
+        *(t.to(DEVICE) for t in (paged.key_cache, paged.value_cache, paged.block_table))
+    )
+    query = query.to(DEVICE)
+    kernels.use("triton")
+    try:
+        for layer in range(2):  # the first builds (and caches) the step's tables
+            if layer:
+                torch.cuda.set_sync_debug_mode("error")
+            plan = kernels.plan_prefill(
+                query, paged, batch, config, config.for_layer(layer), scale=0.1
+            )
+            plan.selected_blocks()
+            kernels.sparse_attention(query, paged, batch, plan, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        kernels.use(None)

@@ -139,10 +139,11 @@ class UniSparseConfig(LayerBudget):
         "UniSparse estimator only).",
     )
     dense_above_density: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] | None = Field(
-        "auto",
+        None,
         description="A step whose selected density exceeds this runs dense (a dense kernel "
         "is faster there); auto: where the attention that runs stops being faster than dense "
-        "(measured: 0.85 with FA3, 0.45 with the Triton kernel); null: never.",
+        "(measured: 0.85 with FA3, 0.45 with the Triton kernel); null (default): never. Any "
+        "check makes the host wait for the GPU at every sparse layer, to read the density.",
     )
     on_error: Literal["fallback", "raise"] = Field(
         "fallback",

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import kernels
+from .. import core, kernels
 from ..config import LayerBudget, UniSparseConfig, config_from_vllm
 from ..core import BlockPlan, PagedKV, PrefillBatch
 from .compat import split_kv_cache
@@ -213,14 +213,18 @@ class SparsePrefillLayer:
         q = query[rows].view(-1, self.num_heads, self.head_size)
         out = output[rows].view(-1, self.num_heads, self.head_size)
         budget = self.budget(layer_name)
+        selected: int | Tensor = 0
+        causal = 0
         try:
             plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
-            # Prefill steps run eagerly: this host sync is allowed (never on the decode path).
-            selected, causal = plan.block_totals()
-            implementation = kernels.attention_implementation(q, kv, plan)
+            # The selected count stays on the device (counters add it there): reading it would
+            # make the host wait for the GPU at every layer. Only a density check reads it.
+            selected = plan.selected_blocks()
+            causal = core.causal_row_blocks(work.batch, plan.block_size) * plan.counts.shape[0]
+            implementation = kernels.attention_implementation(q, kv, work.batch, plan)
             _log_attention_once(implementation, q, kv, plan)
             threshold = kernels.dense_above_density(implementation, self.config)
-            fallback = threshold is not None and selected > threshold * causal
+            fallback = threshold is not None and int(selected) > threshold * causal
             if not fallback:
                 kernels.sparse_attention(q, kv, work.batch, plan, self.scale, out=out)
         except Exception as err:
@@ -229,7 +233,7 @@ class SparsePrefillLayer:
             if self.config.on_error == "raise":
                 raise
             self._report_error(layer_name, err)
-            fallback, selected, causal = True, 0, 0
+            fallback, causal = True, 0
         if fallback:
             run_dense()
         sparse_tokens = 0 if fallback else work.long_prefill_tokens

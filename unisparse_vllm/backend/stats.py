@@ -1,10 +1,13 @@
 """Per-layer counters of the sparse path, so operators (and tests) can see it ran.
 
 Counted per process (each engine worker): prefill tokens that went through block
-selection vs. densely, and the selected density. Logged at INFO at most every
-``LOG_INTERVAL_S`` (the first at once). With ``UNISPARSE_STATS_PATH`` set, each worker also
-writes its counters as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and
-debugging; it costs one small file write per layer and step).
+selection vs. densely, and the selected density. The selected blocks are added up on the
+device (reading them per layer would make the host wait for the GPU) and read when the
+counters are: logged at INFO at most every ``LOG_INTERVAL_S`` (the first at once), so the
+Prometheus ``selected_blocks`` counter lags by up to that long. With ``UNISPARSE_STATS_PATH``
+set, each worker also writes its counters as JSON to ``<path>.<pid>.json`` after every
+sparse step (for tests and debugging; it costs a host wait and a small file write per layer
+and step).
 
 The same counters are Prometheus counters (``PROMETHEUS_METRICS``). The engine runs in
 its own process, so vLLM's ``/metrics`` shows them when the server aggregates processes:
@@ -21,6 +24,8 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from torch import Tensor
 
 logger = logging.getLogger("vllm.unisparse")  # a child of vLLM's configured logger
 LOG_INTERVAL_S = 30.0
@@ -45,12 +50,9 @@ class _Prometheus:
         self.causal = Counter(causal, PROMETHEUS_METRICS[causal], ["layer"])
         self.errors = Counter(errors, PROMETHEUS_METRICS[errors], ["layer"])
 
-    def record(
-        self, layer: str, *, sparse_tokens: int, dense_tokens: int, selected: int, causal: int
-    ) -> None:
+    def record(self, layer: str, *, sparse_tokens: int, dense_tokens: int, causal: int) -> None:
         self.tokens.labels(layer, "sparse").inc(sparse_tokens)
         self.tokens.labels(layer, "dense").inc(dense_tokens)
-        self.selected.labels(layer).inc(selected)
         self.causal.labels(layer).inc(causal)
 
 
@@ -75,23 +77,43 @@ class LayerCounters:
 
 class SparseStats:
     def __init__(self) -> None:
-        self.layers: dict[str, LayerCounters] = {}
+        self._layers: dict[str, LayerCounters] = {}
+        self._on_device: dict[str, Tensor] = {}  # selected blocks not read yet, per layer
         self._last_log = float("-inf")  # the first sparse step is logged at once
 
+    @property
+    def layers(self) -> dict[str, LayerCounters]:
+        """The counters per layer, the selected blocks still on the device read first."""
+        for layer, selected in self._on_device.items():
+            count = int(selected)
+            self._layers[layer].selected_blocks += count
+            prometheus().selected.labels(layer).inc(count)
+        self._on_device.clear()
+        return self._layers
+
     def record(
-        self, layer: str, *, sparse_tokens: int, dense_tokens: int, selected: int, causal: int
+        self,
+        layer: str,
+        *,
+        sparse_tokens: int,
+        dense_tokens: int,
+        selected: int | Tensor,
+        causal: int,
     ) -> None:
-        counters = self.layers.setdefault(layer, LayerCounters())
+        """One sparse-path step of ``layer``; ``selected`` may be a device tensor (a 0-d
+        count), which is added up there and read with the counters."""
+        counters = self._layers.setdefault(layer, LayerCounters())
         counters.sparse_prefill_tokens += sparse_tokens
         counters.dense_prefill_tokens += dense_tokens
-        counters.selected_blocks += selected
         counters.causal_blocks += causal
+        if isinstance(selected, Tensor):
+            waiting = self._on_device.get(layer)
+            self._on_device[layer] = selected if waiting is None else waiting + selected
+        else:
+            counters.selected_blocks += selected
+            prometheus().selected.labels(layer).inc(selected)
         prometheus().record(
-            layer,
-            sparse_tokens=sparse_tokens,
-            dense_tokens=dense_tokens,
-            selected=selected,
-            causal=causal,
+            layer, sparse_tokens=sparse_tokens, dense_tokens=dense_tokens, causal=causal
         )
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL_S:
@@ -104,12 +126,13 @@ class SparseStats:
 
     def record_error(self, layer: str) -> None:
         """A step of ``layer`` whose sparse path raised (it ran densely; ``record`` follows)."""
-        self.layers.setdefault(layer, LayerCounters()).sparse_errors += 1
+        self._layers.setdefault(layer, LayerCounters()).sparse_errors += 1
         prometheus().errors.labels(layer).inc()
 
     def reset(self) -> None:
         """Start counting afresh (benchmarks measure one phase at a time)."""
-        self.layers.clear()
+        self._layers.clear()
+        self._on_device.clear()
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {

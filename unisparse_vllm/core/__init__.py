@@ -25,7 +25,14 @@ from .metrics import (
     relative_error,
     spearman,
 )
-from .plan import BatchMassEstimator, BlockPlan, batch_block_mass, plan_prefill, request_rows
+from .plan import (
+    BatchMassEstimator,
+    BlockPlan,
+    batch_block_mass,
+    causal_row_blocks,
+    plan_prefill,
+    request_rows,
+)
 from .select import select_blocks
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "attended_pairs",
     "batch_block_mass",
     "block_mass",
+    "causal_row_blocks",
     "composite_keys",
     "composite_queries",
     "dense_attention",

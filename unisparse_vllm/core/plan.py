@@ -39,8 +39,14 @@ class BlockPlan:
 
     def block_totals(self) -> tuple[int, int]:
         """``(selected, causal)`` key blocks summed over every head and row (a host sync,
-        once: a plan's tensors are not written after selection)."""
+        once: a plan's tensors are not written after selection). The serving path uses
+        ``selected_blocks`` and ``causal_row_blocks`` instead, which do not wait."""
         return self._totals
+
+    def selected_blocks(self) -> Tensor:
+        """Key blocks selected, summed over every head and row: a 0-d tensor on the plan's
+        device, so that reading the count is left to whoever needs it, when it is ready."""
+        return self.counts.sum()
 
     @functools.cached_property
     def _totals(self) -> tuple[int, int]:
@@ -71,6 +77,17 @@ def request_rows(batch: PrefillBatch, block_size: int) -> tuple[Tensor, Tensor]:
         requests += [r] * len(rows)
         blocks += list(rows)
     return torch.tensor(requests, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_row_blocks(batch: PrefillBatch, block_size: int) -> int:
+    """Causal key blocks of every query block of the batch (one selection head), from the
+    host's lengths: the same for every layer of a step, and known without the device."""
+    return sum(
+        block + 1
+        for c, n in zip(batch.context_lens, batch.query_lens, strict=True)
+        for block in query_block_range(c, n, block_size)
+    )
 
 
 class BatchMassEstimator(Protocol):

@@ -107,16 +107,23 @@ BREAK_EVEN_DENSITY = {"flash": 0.85, "triton": 0.45, "reference": 0.45}
 # FLOPs do; only 128 was timed), the call cost not. So small steps (short chunks, low
 # density) are faster in Triton: one-shot 4K dense, 17K pairs, took 0.51 ms there against
 # 0.56 in FA3; 32K at density 0.05, 58K pairs, 1.98 against 1.38.
+# The choice counts the step's causal pairs, not the selected ones: those are on the device,
+# and reading them would make the host wait for the GPU at every layer (on a 0.5B model that
+# wait cost more than the sparse attention saved; RESULTS.md section 4). So a step of many
+# causal but few selected pairs may take FA3 where the Triton kernel was a little faster.
 TRITON_MS_PER_PAIR, FLASH_MS_PER_PAIR, FLASH_MS_PER_CALL = 3.2e-5, 2.0e-5, 0.028
 
 
-def _flash_pays(plan: BlockPlan, head_dim: int) -> bool:
-    pairs = plan.block_totals()[0] * plan.heads_per_selection * head_dim / 128
+def _flash_pays(batch: PrefillBatch, plan: BlockPlan, head_dim: int) -> bool:
     calls = plan.counts.shape[0]
+    causal = core.causal_row_blocks(batch, plan.block_size) * calls
+    pairs = causal * plan.heads_per_selection * head_dim / 128
     return (TRITON_MS_PER_PAIR - FLASH_MS_PER_PAIR) * pairs > FLASH_MS_PER_CALL * calls
 
 
-def attention_implementation(query: Tensor, kv: KVSource, plan: BlockPlan) -> str:
+def attention_implementation(
+    query: Tensor, kv: KVSource, batch: PrefillBatch, plan: BlockPlan
+) -> str:
     """Which attention runs this plan: ``flash``, ``triton`` or ``reference``. ``auto`` takes
     FA3 where it runs and the step is large enough for its per-call cost to pay."""
     choice_ = choice()
@@ -126,7 +133,7 @@ def attention_implementation(query: Tensor, kv: KVSource, plan: BlockPlan) -> st
         reason = flash.unusable_reason(query, kv, plan)
         if choice_ == "flash" and reason is not None:
             raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
-        if choice_ == "flash" or (reason is None and _flash_pays(plan, query.shape[-1])):
+        if choice_ == "flash" or (reason is None and _flash_pays(batch, plan, query.shape[-1])):
             return "flash"
     return "triton" if _triton_for(query) and isinstance(kv, PagedKV) else "reference"
 
@@ -148,7 +155,7 @@ def sparse_attention(
     out: Tensor | None = None,
 ) -> Tensor:
     """``core.sparse_attention``; FA3 and the Triton kernel read paged caches only."""
-    implementation = attention_implementation(query, kv, plan)
+    implementation = attention_implementation(query, kv, batch, plan)
     if implementation == "flash":
         from .flash import sparse_attention as flash_sparse_attention
 
