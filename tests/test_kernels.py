@@ -238,10 +238,11 @@ def test_warm_up_runs_each_distinct_sparse_budget_once() -> None:
 
 def _compiled_variants() -> dict[str, list[str]]:
     """Each kernel's compiled variants (their specialization keys)."""
-    from unisparse_vllm.kernels import attention, estimate, select
+    from unisparse_vllm.kernels import attention, estimate, flash, select
 
     jitted = [
         attention._sparse_attention_kernel,
+        flash._virtual_tables_kernel,
         estimate._pool_keys_kernel,
         estimate._pool_queries_kernel,
         estimate._block_mass_kernel,

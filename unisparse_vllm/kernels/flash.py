@@ -15,9 +15,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from ..core import BlockPlan, PagedKV, PrefillBatch, device_offsets
+from ..core import BlockPlan, PagedKV, PrefillBatch, device_offsets, num_key_blocks
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,56 @@ def unusable_reason(query: Tensor, kv: PagedKV, plan: BlockPlan) -> str | None:
     return _fa3_on(query.device)
 
 
+@triton.jit(
+    do_not_specialize=[
+        "stride_ch",
+        "stride_ih",
+        "stride_ir",
+        "stride_bt",
+        "stride_th",
+        "stride_tr",
+    ],
+    do_not_specialize_on_alignment=["block_table_ptr"],
+)
+def _virtual_tables_kernel(
+    counts_ptr,
+    indices_ptr,
+    row_request_ptr,
+    block_table_ptr,
+    table_ptr,
+    stride_ch,
+    stride_ih,
+    stride_ir,
+    stride_bt,
+    stride_th,
+    stride_tr,
+    pages_per_request,
+    PAGES_PER_BLOCK: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """One program per (selection head, row): the pages of the row's selected key blocks,
+    in order, into the row's table (FA3 reads a sequence's table up to its ``seqused_k``)."""
+    s = tl.program_id(0)
+    row = tl.program_id(1)
+    count = tl.load(counts_ptr + s * stride_ch + row)
+    request_pages = block_table_ptr + tl.load(row_request_ptr + row).to(tl.int64) * stride_bt
+    table_row = table_ptr + s * stride_th + row.to(tl.int64) * stride_tr
+    offs = tl.arange(0, BLOCK_J)
+    for start in range(0, count, BLOCK_J):
+        j = start + offs
+        selected = j < count
+        key_block = tl.load(indices_ptr + s * stride_ih + row * stride_ir + j, mask=selected)
+        for p in tl.static_range(PAGES_PER_BLOCK):
+            # The last key block of a request may own fewer pages than a whole block.
+            column = tl.minimum(key_block * PAGES_PER_BLOCK + p, pages_per_request - 1)
+            page = tl.load(request_pages + column, mask=selected)
+            tl.store(table_row + j * PAGES_PER_BLOCK + p, page, mask=selected)
+
+
 def virtual_sequences(batch: PrefillBatch, kv: PagedKV, plan: BlockPlan) -> VirtualSequences:
-    """The plan's rows as FA3 sequences. Tables are as wide as the widest row (one host sync,
-    on the prefill path only): at low density far narrower than all key blocks."""
+    """The plan's rows as FA3 sequences. Tables are as wide as the batch's widest causal row
+    (a host integer: reading the widest selected row would make the host wait for the
+    GPU); only the selected pages are written, so the cost follows the selection."""
     block = plan.block_size
     pages_per_block = block // kv.page_size
     query_start, context_lens = device_offsets(batch, plan.counts.device)
@@ -73,17 +122,35 @@ def virtual_sequences(batch: PrefillBatch, kv: PagedKV, plan: BlockPlan) -> Virt
         [query_start[:1], query_start[request] + row_end - context_lens[request]]
     )
     key_lens = (plan.counts - 1) * block + (row_end - block_start)[None, :]
-    width = int(plan.counts.max())
-    request_pages = kv.block_table[request]  # [rows, max pages]
-    page = plan.indices[..., :width].clamp(min=0)[..., None] * pages_per_block + torch.arange(
-        pages_per_block, device=plan.indices.device, dtype=plan.indices.dtype
-    )  # [H_sel, rows, width, pages per block]
-    page = page.flatten(2).clamp(max=request_pages.shape[1] - 1).long()
-    table = torch.gather(request_pages.expand(page.shape[0], -1, -1), 2, page)
+    num_sel, rows = plan.counts.shape
+    width = max(num_key_blocks(s, block) for s in batch.seq_lens)
+    # Zeros past the selected pages: FA3 should not read them, but if a tile's loads run
+    # ahead, page 0 is memory of the cache, not an address from uninitialized memory.
+    table = torch.zeros(
+        num_sel, rows, width * pages_per_block, dtype=torch.int32, device=plan.counts.device
+    )
+    block_table = kv.block_table
+    assert block_table.stride(1) == 1, "the kernel walks a request's pages contiguously"
+    _virtual_tables_kernel[(num_sel, rows)](
+        plan.counts,
+        plan.indices,
+        plan.row_request,
+        block_table,
+        table,
+        plan.counts.stride(0),
+        plan.indices.stride(0),
+        plan.indices.stride(1),
+        block_table.stride(0),
+        table.stride(0),
+        table.stride(1),
+        block_table.shape[1],
+        PAGES_PER_BLOCK=pages_per_block,
+        BLOCK_J=64,
+    )
     return VirtualSequences(
         cu_seqlens_q=cu_seqlens_q.to(torch.int32),
         seq_lens=key_lens.to(torch.int32),
-        block_table=table.to(torch.int32),
+        block_table=table,
         max_seqlen_q=block,
         max_seqlen_k=width * block,
     )

@@ -26,7 +26,7 @@ import torch
 
 from ..config import LayerBudget, UniSparseConfig
 from ..core import PagedKV, PrefillBatch
-from . import plan_prefill
+from . import flash, plan_prefill
 from .attention import sparse_attention
 from .select import row_tile, select_blocks
 
@@ -68,6 +68,8 @@ def warm_up(
     for budget in distinct.values():
         plan = plan_prefill(query, kv, batch, step_config, budget, scale=scale)
         sparse_attention(query, kv, batch, plan, scale)
+        if flash.unusable_reason(query, kv, plan) is None:  # FA3's tables, built by Triton
+            flash.virtual_sequences(batch, kv, plan)
         for width in widths:
             mass = torch.rand(1, 1, width, device=device)
             select_blocks(mass, torch.tensor([width - 1], device=device), budget)
