@@ -6,6 +6,7 @@ under tensor parallelism), read from ``UNISPARSE_STATS_PATH`` files.
 
     python benchmarks/e2e_vllm.py --out e2e.json [--lengths 32768 65536 131072]
     python benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 --serve-model llama-8b
+    python benchmarks/e2e_vllm.py --skip tokens serve --ttft-model /tmp/qwen05 --lengths 32768
 """
 
 from __future__ import annotations
@@ -256,6 +257,11 @@ def main() -> None:
         default="tiny",
         help="the server's model: the tiny one, or Llama-3.1-8B shapes with random weights",
     )
+    parser.add_argument(
+        "--ttft-model",
+        help="model folder of the TTFT job; only its config is read, the weights are random "
+        "(default: Llama-3.1-8B shapes)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the tokens job with CUDA graphs (not eager)"
@@ -290,7 +296,8 @@ def main() -> None:
     if "serve" not in args.skip:
         report["serve"] = serve_check(*serve_requests(args.serve_model, tiny, llama), args.tp)
     if "ttft" not in args.skip:
-        base = {"job": "ttft", "model": str(llama), "lengths": args.lengths, "tp": args.tp}
+        model = args.ttft_model or str(llama)
+        base = {"job": "ttft", "model": model, "lengths": args.lengths, "tp": args.tp}
         report["ttft"] = {
             "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
             "UNISPARSE topk density 0.1": run(

@@ -7,6 +7,7 @@
 # JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
+# ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B shapes: where the host's work per layer shows),
 # tp2 (e2e at tensor parallel 2: Qwen tokens vs FLASH_ATTN, serve and TTFT on Llama-8B
 # shapes), ruler (eval_ruler on Qwen with the RULER_SPEC file; RULER_LENGTHS overrides its
 # lengths, e.g. one length per run so that each finished length is kept; RULER_SAMPLES and
@@ -55,6 +56,9 @@ for job in "$@"; do
         while [ "$(ls /tmp/gguf/part-* 2> /dev/null | wc -l)" -lt "$GGUF_PARTS" ]; do sleep 3; done
         step convert bash -c "cat /tmp/gguf/part-* > /tmp/qwen.gguf && \
             python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05" ;;
+    ttft-qwen)
+        step ttft-qwen timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
+            --ttft-model /tmp/qwen05 --lengths 16384 32768 --out "$RESULTS/e2e_ttft_qwen.json" ;;
     tp2)
         step tp2 timeout 900 python3 benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 \
             --serve-model llama-8b --out "$RESULTS/e2e_tp2.json" ;;
