@@ -106,8 +106,8 @@ def choose_layer_budget(
         last = LayerChoice(layer, tau, recall, plan.density())
         if recall >= target_recall:
             break
-    # Density is left to the runtime guard (dense_above_density): it falls with length, so a
-    # short calibration prompt would overstate it.
+    # A layer is made dense only when no tau reaches the target, never for its density: that
+    # falls with length, so a short calibration prompt would overstate it.
     if last.recall < target_recall:
         return LayerChoice(layer, None, last.recall, last.density)
     return last
