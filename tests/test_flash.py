@@ -23,31 +23,35 @@ CASES = [
 
 
 def fa3_contract(
-    query: torch.Tensor, kv: PagedKV, virtual: flash.VirtualSequences, scale: float, plan
+    query: torch.Tensor, kv: PagedKV, virtual: flash.VirtualSequences, scale: float
 ) -> torch.Tensor:
-    """What ``flash_attn_varlen_func(causal=True, block_table=..., seqused_k=...)`` computes,
-    per selection group and sequence: the sequence's keys are its table's pages in order,
-    and query ``i`` of ``n`` sees keys ``< seqused_k - n + i + 1``."""
+    """What one ``flash_attn_varlen_func(causal=True, block_table=..., seqused_k=...)`` call
+    per KV head computes over the packed queries, sequence by sequence: the sequence's keys
+    are its table's pages in order, and query ``i`` of ``n`` sees keys
+    ``< seqused_k - n + i + 1``."""
     out = torch.full_like(query, float("nan"))
-    heads = plan.heads_per_selection
     group = query.shape[1] // kv.num_kv_heads
+    selections = virtual.selections_per_kv_head
     cu = virtual.cu_seqlens_q.tolist()
-    for s in range(virtual.seq_lens.shape[0]):
-        kv_head = s * heads // group
-        for row in range(len(cu) - 1):
-            n, keys_used = cu[row + 1] - cu[row], int(virtual.seq_lens[s, row])
-            pages = virtual.block_table[s, row, : math.ceil(keys_used / kv.page_size)].long()
-            k = kv.key_cache[pages, :, kv_head].flatten(0, 1)[:keys_used].double()
-            v = kv.value_cache[pages, :, kv_head].flatten(0, 1)[:keys_used].double()
-            q = query[cu[row] : cu[row + 1], s * heads : (s + 1) * heads].double()
+    for kv_head in range(kv.num_kv_heads):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        packed_query = flash.pack_queries(query[:, heads], selections)
+        packed_out = torch.full_like(packed_query, float("nan"))
+        for seq in range(len(cu) - 1):
+            n, keys_used = cu[seq + 1] - cu[seq], int(virtual.seq_lens[kv_head, seq])
+            pages = virtual.block_table[kv_head, seq, : math.ceil(keys_used / kv.page_size)]
+            k = kv.key_cache[pages.long(), :, kv_head].flatten(0, 1)[:keys_used].double()
+            v = kv.value_cache[pages.long(), :, kv_head].flatten(0, 1)[:keys_used].double()
+            q = packed_query[cu[seq] : cu[seq + 1]].double()
             visible = (
                 torch.arange(keys_used)[None, :] < keys_used - n + torch.arange(n)[:, None] + 1
             )
             scores = torch.einsum("nhd,kd->hnk", q, k) * scale
             weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-            out[cu[row] : cu[row + 1], s * heads : (s + 1) * heads] = torch.einsum(
-                "hnk,kd->nhd", weights, v
-            ).to(query.dtype)
+            packed_out[cu[seq] : cu[seq + 1]] = torch.einsum("hnk,kd->nhd", weights, v).to(
+                query.dtype
+            )
+        out[:, heads] = flash.unpack_queries(packed_out, selections)
     return out
 
 
@@ -73,7 +77,7 @@ def test_virtual_sequences_attend_to_the_planned_blocks(case) -> None:
     query, paged, batch, plan, scale = plan_for(case, seed)
     assert plan.density() < 1.0, "the case must be sparse to test the tables"
     virtual = flash.virtual_sequences(batch, paged, plan)
-    out = fa3_contract(query, paged, virtual, scale, plan)
+    out = fa3_contract(query, paged, virtual, scale)
     expected = sparse_attention(query, paged, batch, plan, scale)
     assert not out.isnan().any(), f"rows not covered by the virtual sequences (seed {seed})"
     assert relative_error(out, expected) < 1e-5, f"seed {seed}"

@@ -102,11 +102,11 @@ BREAK_EVEN_DENSITY = {"flash": 0.85, "triton": 0.45, "reference": 0.45}
 
 # Per layer and step on an H200 (head_dim 128, Llama-8B heads; RESULTS.md section 1, fourth
 # run): the Triton kernel costs ~3.2e-5 ms per selected (key block, query head) pair, FA3
-# over virtual sequences ~2.0e-5 ms per pair plus ~0.028 ms per call (one call per selection
-# group; tables included). Pair costs are taken to scale with the head size (the matmul
-# FLOPs do; only 128 was timed), the call cost not. So small steps (short chunks, low
-# density) are faster in Triton: one-shot 4K dense, 17K pairs, took 0.51 ms there against
-# 0.56 in FA3; 32K at density 0.05, 58K pairs, 1.98 against 1.38.
+# over virtual sequences ~2.0e-5 ms per pair plus ~0.028 ms per call (one call per KV head,
+# which was one per selection group there; tables included). Pair costs are taken to scale
+# with the head size (the matmul FLOPs do; only 128 was timed), the call cost not. So small
+# steps (short chunks, low density) are faster in Triton: one-shot 4K dense, 17K pairs, took
+# 0.51 ms there against 0.56 in FA3; 32K at density 0.05, 58K pairs, 1.98 against 1.38.
 # The choice counts the step's causal pairs, not the selected ones: those are on the device,
 # and reading them would make the host wait for the GPU at every layer (on a 0.5B model that
 # wait cost more than the sparse attention saved; RESULTS.md section 4). So a step of many
@@ -114,10 +114,10 @@ BREAK_EVEN_DENSITY = {"flash": 0.85, "triton": 0.45, "reference": 0.45}
 TRITON_MS_PER_PAIR, FLASH_MS_PER_PAIR, FLASH_MS_PER_CALL = 3.2e-5, 2.0e-5, 0.028
 
 
-def _flash_pays(batch: PrefillBatch, plan: BlockPlan, head_dim: int) -> bool:
-    calls = plan.counts.shape[0]
-    causal = core.causal_row_blocks(batch, plan.block_size) * calls
+def _flash_pays(batch: PrefillBatch, kv: PagedKV, plan: BlockPlan, head_dim: int) -> bool:
+    causal = core.causal_row_blocks(batch, plan.block_size) * plan.counts.shape[0]
     pairs = causal * plan.heads_per_selection * head_dim / 128
+    calls = kv.num_kv_heads  # flash.sparse_attention: one call per KV head
     return (TRITON_MS_PER_PAIR - FLASH_MS_PER_PAIR) * pairs > FLASH_MS_PER_CALL * calls
 
 
@@ -133,7 +133,7 @@ def attention_implementation(
         reason = flash.unusable_reason(query, kv, plan)
         if choice_ == "flash" and reason is not None:
             raise ValueError(f"UNISPARSE_KERNELS=flash: {reason}")
-        if choice_ == "flash" or (reason is None and _flash_pays(batch, plan, query.shape[-1])):
+        if choice_ == "flash" or (reason is None and _flash_pays(batch, kv, plan, query.shape[-1])):
             return "flash"
     return "triton" if _triton_for(query) and isinstance(kv, PagedKV) else "reference"
 
