@@ -303,11 +303,41 @@ def test_counters_are_exported_to_prometheus() -> None:
     assert value("unisparse:causal_blocks_total", f'layer="{layer}"') == 19
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts stay on a GPU only")
+def test_gpu_counts_reach_the_counters_without_a_host_wait() -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from unisparse_vllm.backend.stats import SparseStats
+
+    stats, layer = SparseStats(), "model.layers.2.self_attn.attn.readback-test"
+
+    def exported() -> float:
+        prefix = f'unisparse:selected_blocks_total{{layer="{layer}"}} '
+        lines = prometheus_client.generate_latest().decode().splitlines()
+        return sum(float(x[len(prefix) :]) for x in lines if x.startswith(prefix))
+
+    def step(count: int) -> None:
+        selected = torch.tensor(count, device="cuda")
+        torch.cuda.set_sync_debug_mode("error")  # any host wait in record raises
+        try:
+            stats.record(layer, sparse_tokens=1, dense_tokens=0, selected=selected, causal=9)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    step(5)  # starts copying 5
+    torch.cuda.synchronize()
+    step(2)  # the 5 has landed: counted; the 2 is copied next
+    assert exported() == 5
+    step(1)
+    assert stats.layers[layer].selected_blocks == 8 and exported() == 8  # read, waiting
+
+
 def test_the_sparse_step_does_not_read_the_plan_on_the_host(monkeypatch) -> None:
     """Without a density check nothing in the step reads the selected count (on a GPU, a
-    host wait per layer); with one, the check reads it once."""
+    host wait per layer): the counters get it as a tensor; with one, the check reads it."""
+    from types import SimpleNamespace
+
+    from unisparse_vllm.backend import common
     from unisparse_vllm.backend.common import prefill_work
-    from unisparse_vllm.backend.stats import STATS
     from unisparse_vllm.core import BlockPlan
 
     class Watched(torch.Tensor):
@@ -325,13 +355,19 @@ def test_the_sparse_step_does_not_read_the_plan_on_the_host(monkeypatch) -> None
     work = prefill_work(
         torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
     )
+    recorded: list[dict] = []
+    monkeypatch.setattr(
+        common, "STATS", SimpleNamespace(record=lambda _, **kw: recorded.append(kw))
+    )
     for threshold, reads in ((None, 0), (0.99, 1)):
         Watched.reads = 0
         layer = _sparse_layer(monkeypatch, tau=0.5, dense_above_density=threshold)
         name = f"model.layers.3.attn.no-read-{threshold}"
         layer.forward(name, torch.randn(300, 64), kv_cache, work, torch.empty(300, 64), lambda: 0)
         assert Watched.reads == reads
-        assert 0 < STATS.layers[name].mean_density < 1  # read here, with the counters
+        counts = recorded.pop()
+        assert isinstance(counts["selected"], Watched)  # handed on unread
+        assert 0 < counts["selected"].item() < counts["causal"]
 
 
 def test_kernels_are_warmed_up_once_per_shape_and_a_failure_only_logs(monkeypatch, caplog) -> None:

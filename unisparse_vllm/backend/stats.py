@@ -2,9 +2,10 @@
 
 Counted per process (each engine worker): prefill tokens that went through block
 selection vs. densely, and the selected density. The selected blocks are added up on the
-device (reading them per layer would make the host wait for the GPU) and read when the
-counters are: logged at INFO at most every ``LOG_INTERVAL_S`` (the first at once), so the
-Prometheus ``selected_blocks`` counter lags by up to that long. With ``UNISPARSE_STATS_PATH``
+GPU and copied to the host without waiting (pinned memory, an event): a step's count
+reaches the counters at a later step, once its copy is done (reading it at once would make
+the host wait for the GPU at every layer). Logged at INFO at most every ``LOG_INTERVAL_S``
+(the first at once). With ``UNISPARSE_STATS_PATH``
 set, each worker also writes its counters as JSON to ``<path>.<pid>.json`` after every
 sparse step (for tests and debugging; it costs a host wait and a small file write per layer
 and step).
@@ -24,7 +25,9 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import Tensor
 
 logger = logging.getLogger("vllm.unisparse")  # a child of vLLM's configured logger
@@ -75,21 +78,59 @@ class LayerCounters:
         return self.selected_blocks / self.causal_blocks if self.causal_blocks else 1.0
 
 
+@dataclass
+class _Readback:
+    """Selected-block counts on their way to the host: ``host`` is complete once ``event``
+    is (a non-blocking copy into pinned memory)."""
+
+    layers: list[str]
+    host: Tensor
+    event: Any  # torch.cuda.Event
+
+
 class SparseStats:
     def __init__(self) -> None:
         self._layers: dict[str, LayerCounters] = {}
-        self._on_device: dict[str, Tensor] = {}  # selected blocks not read yet, per layer
+        self._on_device: dict[str, Tensor] = {}  # selected blocks not copied yet, per layer
+        self._readback: _Readback | None = None
         self._last_log = float("-inf")  # the first sparse step is logged at once
 
     @property
     def layers(self) -> dict[str, LayerCounters]:
-        """The counters per layer, the selected blocks still on the device read first."""
-        for layer, selected in self._on_device.items():
-            count = int(selected)
-            self._layers[layer].selected_blocks += count
-            prometheus().selected.labels(layer).inc(count)
-        self._on_device.clear()
+        """The counters per layer, every selected block included (a host wait if some are
+        still on the GPU)."""
+        self._collect(wait=True)
         return self._layers
+
+    def _add_selected(self, layer: str, count: int) -> None:
+        self._layers[layer].selected_blocks += count
+        prometheus().selected.labels(layer).inc(count)
+
+    def _collect(self, *, wait: bool) -> None:
+        """Add the counts whose copy is done (all, with ``wait``), and start copying the
+        ones added up on the GPU since, if no copy is under way."""
+        readback = self._readback
+        if readback is not None and (wait or readback.event.query()):
+            readback.event.synchronize()
+            for layer, count in zip(readback.layers, readback.host.tolist(), strict=True):
+                self._add_selected(layer, count)
+            self._readback = None
+        if not self._on_device:
+            return
+        if wait or not next(iter(self._on_device.values())).is_cuda:
+            for layer, selected in self._on_device.items():
+                self._add_selected(layer, int(selected))
+        elif self._readback is None:
+            layers = list(self._on_device)
+            counts = torch.stack([self._on_device[layer] for layer in layers])
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._readback = _Readback(layers, host, event)
+        else:
+            return  # one copy at a time: these wait on the GPU for the next one
+        self._on_device.clear()
 
     def record(
         self,
@@ -100,8 +141,8 @@ class SparseStats:
         selected: int | Tensor,
         causal: int,
     ) -> None:
-        """One sparse-path step of ``layer``; ``selected`` may be a device tensor (a 0-d
-        count), which is added up there and read with the counters."""
+        """One sparse-path step of ``layer``; ``selected`` may be a tensor (a 0-d count),
+        which on a GPU is added up there and reaches the counters once copied."""
         counters = self._layers.setdefault(layer, LayerCounters())
         counters.sparse_prefill_tokens += sparse_tokens
         counters.dense_prefill_tokens += dense_tokens
@@ -109,9 +150,9 @@ class SparseStats:
         if isinstance(selected, Tensor):
             waiting = self._on_device.get(layer)
             self._on_device[layer] = selected if waiting is None else waiting + selected
+            self._collect(wait=False)
         else:
-            counters.selected_blocks += selected
-            prometheus().selected.labels(layer).inc(selected)
+            self._add_selected(layer, selected)
         prometheus().record(
             layer, sparse_tokens=sparse_tokens, dense_tokens=dense_tokens, causal=causal
         )
@@ -131,8 +172,8 @@ class SparseStats:
 
     def reset(self) -> None:
         """Start counting afresh (benchmarks measure one phase at a time)."""
+        self._collect(wait=True)  # a copy under way must not land in the fresh counters
         self._layers.clear()
-        self._on_device.clear()
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {
