@@ -42,7 +42,7 @@ for job in "$@"; do
     kernels)
         step kernels timeout 400 python3 -m pytest -q -p no:cacheprovider \
             tests/test_kernels.py tests/test_flash.py tests/test_baselines.py \
-            tests/test_core_invariants.py ;;
+            tests/test_core_invariants.py tests/test_backend_units.py ;;
     bench)
         step bench timeout 500 python3 benchmarks/bench_attention.py \
             --seq 4096 32768 65536 131072 --out "$RESULTS/bench.json" ;;
