@@ -149,15 +149,10 @@ def virtual_sequences(batch: PrefillBatch, kv: PagedKV, plan: BlockPlan) -> Virt
     key_lens = (plan.counts - 1) * block + (row_end - block_start)[None, :]
     num_sel, rows = plan.counts.shape
     selections = num_sel // kv.num_kv_heads  # selection heads are ordered by KV head
-    tokens = query_start[-1:]  # each selection head's copy of the queries follows the last
+    # Each selection head's copy of the queries follows the previous one's.
+    copies = batch.num_tokens * torch.arange(selections, device=cu_seqlens_q.device)
     cu_seqlens_q = torch.cat(
-        [
-            cu_seqlens_q[:1],
-            (
-                cu_seqlens_q[None, 1:]
-                + tokens * torch.arange(selections, device=tokens.device)[:, None]
-            ).flatten(),
-        ]
+        [cu_seqlens_q[:1], (cu_seqlens_q[None, 1:] + copies[:, None]).flatten()]
     )
     width = max(num_key_blocks(s, block) for s in batch.seq_lens)
     # Zeros past the selected pages: FA3 should not read them, but if a tile's loads run
