@@ -5,10 +5,9 @@ selection vs. densely, and the selected density. The selected blocks are added u
 GPU and copied to the host without waiting (pinned memory, an event): a step's count
 reaches the counters at a later step, once its copy is done (reading it at once would make
 the host wait for the GPU at every layer). Logged at INFO at most every ``LOG_INTERVAL_S``
-(the first at once). With ``UNISPARSE_STATS_PATH``
-set, each worker also writes its counters as JSON to ``<path>.<pid>.json`` after every
-sparse step (for tests and debugging; it costs a host wait and a small file write per layer
-and step).
+(the first at once). With ``UNISPARSE_STATS_PATH`` set, each worker also writes its counters
+as JSON to ``<path>.<pid>.json`` after every sparse step (for tests and debugging; it costs
+a host wait and a small file write per layer and step).
 
 The same counters are Prometheus counters (``PROMETHEUS_METRICS``). The engine runs in
 its own process, so vLLM's ``/metrics`` shows them when the server aggregates processes:
