@@ -13,7 +13,9 @@
 # lengths, e.g. one length per run so that each finished length is kept; RULER_SAMPLES and
 # RULER_SEED its samples per task and first seed: sample i uses seed + i, so RULER_SEED=25
 # RULER_SAMPLES=75 adds samples 25-99 to a 25-sample run; RULER_GPUS GPUs, RULER_PARALLEL
-# engines at once).
+# engines at once; RULER_ENGINE_ARGS, JSON, replaces the spec's engine_args: a fixed memory
+# share per engine lets two ruler jobs share one GPU).
+# Two ruler jobs side by side need distinct RULER_LENGTHS: they name the log and the results.
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -22,9 +24,9 @@ set -u
 export PYTHONPATH=/tmp/vllm-site:/tmp/gguf-site VLLM_USE_FLASHINFER_SAMPLER=0
 export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=/tmp/vllm-site/bin:$PATH
 RESULTS=/tmp/results LOGS=/tmp/logs
-GGUF_PARTS=${GGUF_PARTS:-8}
+GGUF_PARTS=${GGUF_PARTS:-9}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
-RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-}
+RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
@@ -64,10 +66,11 @@ for job in "$@"; do
             --serve-model llama-8b --out "$RESULTS/e2e_tp2.json" ;;
     ruler)
         # shellcheck disable=SC2086  # the lengths are words
-        step ruler timeout 1700 python3 benchmarks/eval_ruler.py --spec "$RULER_SPEC" \
+        step "ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" timeout 1700 python3 benchmarks/eval_ruler.py --spec "$RULER_SPEC" \
             --model /tmp/qwen05 --haystack /tmp/data/essays --qa-data /tmp/data/qa \
             ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
-            ${RULER_SEED:+--seed $RULER_SEED} --parallel "$RULER_PARALLEL" \
+            ${RULER_SEED:+--seed $RULER_SEED} ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} \
+            --parallel "$RULER_PARALLEL" \
             --gpus "$RULER_GPUS" --out-dir "$RESULTS/ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" ;;
     *)
         echo "unknown job $job" ;;

@@ -234,6 +234,20 @@ def test_block_mass_matches_brute_force_composites(max_mix: float) -> None:
     torch.testing.assert_close(mass.sum(-1), torch.ones(2, 4, dtype=torch.float64))
 
 
+def test_one_token_composites_give_the_exact_block_mass() -> None:
+    # c_q = c_k = c_h = 1 is the oracle the benchmarks bound every estimator with: each
+    # query's exact softmax mass per key block, averaged over the query block.
+    from unisparse_vllm.core import exact_key_block_probs
+
+    query, kv, _ = random_batch([100], [90], 4, 2, 8, seed=5)
+    keys, _ = kv.keys_values(0, 190)
+    mass = block_mass(query, keys, 90, block_size=32, c_q=1, c_k=1, c_h=1, scale=0.3)
+    probs = exact_key_block_probs(query, keys, 90, 32, 0.3)  # [Hq, tokens, key blocks]
+    row = torch.arange(90, 190) // 32 - 2
+    summed = torch.zeros(4, 4, 6, dtype=torch.float64).index_add_(1, row, probs)
+    torch.testing.assert_close(mass, summed / torch.bincount(row)[None, :, None])
+
+
 def test_composites_use_true_counts_for_partial_groups() -> None:
     x = torch.arange(10, dtype=torch.float64)[:, None, None].expand(10, 2, 1)
     pooled, first, last = composite_queries(x, first_pos=5, c_q=4, c_h=1)

@@ -252,6 +252,13 @@ def _block_mass_kernel(
                     tl.store(peak_ptr + out, peak, mask=in_tile)
 
 
+def tile_blocks(q_per_block: int, k_per_block: int) -> tuple[int, int]:
+    """``(query blocks, key blocks)`` per block-mass tile: ``TILE`` composites a side, but at
+    least one whole block, so that ``c_q = c_k = 1`` (128 composites a block; with ``c_h = 1``
+    the exact block mass, the oracle that bounds every estimator) runs as one block a tile."""
+    return max(1, TILE // q_per_block), max(1, TILE // k_per_block)
+
+
 @functools.lru_cache(maxsize=16)
 def index_tables(
     batch: PrefillBatch,
@@ -276,7 +283,7 @@ def index_tables(
     tile_row: list[int] = []
     tile_rows: list[int] = []
     key_slots: list[int] = []
-    rows_per_tile, first_kb = TILE // q_per_block, 0
+    rows_per_tile, first_kb = tile_blocks(q_per_block, k_per_block)[0], 0
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
         blocks = query_block_range(c, n, block_size)
         requests += [c, n, batch.query_start[r], int(estimated[r])]
@@ -386,6 +393,7 @@ def batch_block_mass(
         BLOCK_D=block_d,
     )
     mass = torch.zeros(num_sel, num_rows, width, dtype=torch.float32, device=device)
+    rows_per_tile, key_blocks_per_tile = tile_blocks(q_per_block, k_per_block)
     peak = torch.zeros_like(mass) if config.max_mix > 0 else mass
     _block_mass_kernel[(num_sel, num_tiles)](
         q_slots,
@@ -413,8 +421,8 @@ def batch_block_mass(
         Q_PER_BLOCK=q_per_block,
         K_PER_BLOCK=k_per_block,
         DOT_PRECISION=dot_precision(dot_dtype),
-        ROWS=TILE // q_per_block,
-        KEY_BLOCKS=TILE // k_per_block,
+        ROWS=rows_per_tile,
+        KEY_BLOCKS=key_blocks_per_tile,
         PEAK=config.max_mix > 0,
         num_warps=4,
     )
