@@ -69,7 +69,7 @@ def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, lis
     runs with disjoint seed ranges add samples (``--seed 25 --samples 75`` after a 25-sample
     run; give the files in seed order). ``lengths`` (default: the reference's) keeps only
     those, so that configs run at fewer lengths can join. The first config is the reference; a
-    config that did not answer its prompts in the same order (the interval and the
+    config whose prompts, task by task, are not the reference's (the interval and the
     same-answer share pair them) is left out, printed with why."""
     results: dict[str, list[dict]] = {}
     stats: dict[tuple[str, int], list[dict]] = {}
@@ -79,9 +79,17 @@ def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, lis
             for r in records:
                 if "stats" in r:
                     stats.setdefault((name, r["length"]), []).append(r)
+    reference = next(iter(results))
+    # Each run lists its prompts task by task, so a config run as 100 samples and one run as
+    # 25 + 75 list them in different orders: group every config's prompts by the reference's
+    # (length, task) order, each group in the order given (seed order), and they pair.
+    groups: dict[tuple[int, str], int] = {}
+    for r in results[reference]:
+        groups.setdefault((r["length"], r["task"]), len(groups))
+    for records in results.values():
+        records.sort(key=lambda r: groups.get((r["length"], r["task"]), len(groups)))
     for (name, length), parts in stats.items():
         results[name].append(_summed_stats(length, parts))
-    reference = next(iter(results))
     lengths = sorted(lengths or {r["length"] for r in results[reference]})
 
     def prompts(records: list[dict], length: int) -> list[tuple]:
@@ -102,7 +110,7 @@ def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, lis
             if ours != theirs:
                 print(
                     f"--combine: left out {name!r}: at length {length} it answered "
-                    f"{len(ours)} prompts, not the {len(theirs)} of {reference!r} in order"
+                    f"{len(ours)} prompts, not the {len(theirs)} of {reference!r} task by task"
                 )
                 del results[name]
                 break

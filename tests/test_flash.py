@@ -13,6 +13,10 @@ from unisparse_vllm.config import resolve_config
 from unisparse_vllm.core import PagedKV, plan_prefill, relative_error, sparse_attention
 from unisparse_vllm.kernels import flash
 
+# The virtual tables come from a Triton kernel: on a GPU compiled for it, on the CPU through
+# the interpreter (conftest). The contract check itself runs on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 CASES = [
     # query_lens, context_lens, Hq, Hkv, head_dim, block, page, c_h
     ([300], [0], 4, 2, 64, 64, 16, None),
@@ -29,6 +33,16 @@ def fa3_contract(
     per KV head computes over the packed queries, sequence by sequence: the sequence's keys
     are its table's pages in order, and query ``i`` of ``n`` sees keys
     ``< seqused_k - n + i + 1``."""
+    query = query.cpu()
+    kv = PagedKV(*(t.cpu() for t in (kv.key_cache, kv.value_cache, kv.block_table)))
+    virtual = flash.VirtualSequences(
+        virtual.cu_seqlens_q.cpu(),
+        virtual.seq_lens.cpu(),
+        virtual.block_table.cpu(),
+        virtual.selections_per_kv_head,
+        virtual.max_seqlen_q,
+        virtual.max_seqlen_k,
+    )
     out = torch.full_like(query, float("nan"))
     group = query.shape[1] // kv.num_kv_heads
     selections = virtual.selections_per_kv_head
@@ -74,11 +88,11 @@ def plan_for(case, seed: int, device: str = "cpu", dtype=torch.float32):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-B{c[5]}-p{c[6]}-ch{c[7]}")
 def test_virtual_sequences_attend_to_the_planned_blocks(case) -> None:
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    query, paged, batch, plan, scale = plan_for(case, seed)
+    query, paged, batch, plan, scale = plan_for(case, seed, DEVICE)
     assert plan.density() < 1.0, "the case must be sparse to test the tables"
     virtual = flash.virtual_sequences(batch, paged, plan)
     out = fa3_contract(query, paged, virtual, scale)
-    expected = sparse_attention(query, paged, batch, plan, scale)
+    expected = sparse_attention(query, paged, batch, plan, scale).cpu()
     assert not out.isnan().any(), f"rows not covered by the virtual sequences (seed {seed})"
     assert relative_error(out, expected) < 1e-5, f"seed {seed}"
 

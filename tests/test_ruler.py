@@ -246,6 +246,21 @@ def test_runs_combine_into_one_with_more_samples() -> None:
 
     third = {"records": {"late": first["records"]["dense"] + second["records"]["dense"]}}
     assert list(combine([first, second, third])) == ["dense", "sparse", "late"]  # all four
+
+    # A run lists its prompts task by task: samples 0-1 then 2-3 of two tasks, against all
+    # four of each task in one run, pair once grouped by task.
+    def run(tasks_tokens: list[tuple[str, int]]) -> list[dict]:
+        return [{**rec(100.0, tokens), "task": task} for task, tokens in tasks_tokens]
+
+    split = [
+        {"records": {"dense": run([("vt", 1), ("vt", 2), ("cwe", 1), ("cwe", 2)])}},
+        {"records": {"dense": run([("vt", 3), ("vt", 4), ("cwe", 3), ("cwe", 4)])}},
+    ]
+    whole = [("vt", 1), ("vt", 2), ("vt", 3), ("vt", 4), ("cwe", 1), ("cwe", 2), ("cwe", 3)]
+    one_run = {"records": {"whole": run([*whole, ("cwe", 4)])}}
+    assert list(combine([*split, one_run])) == ["dense", "whole"]
+    one_run["records"]["whole"] = run([*whole, ("cwe", 5)])  # a prompt the reference lacks
+    assert list(combine([*split, one_run])) == ["dense"]
     longer = {**rec(100.0, 90), "length": 128}
     first["records"]["dense"].append(longer)  # the reference also ran 128, the others not
     assert list(combine([first, second, third])) == ["dense"]

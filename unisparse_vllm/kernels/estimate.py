@@ -394,6 +394,7 @@ def batch_block_mass(
     )
     mass = torch.zeros(num_sel, num_rows, width, dtype=torch.float32, device=device)
     rows_per_tile, key_blocks_per_tile = tile_blocks(q_per_block, k_per_block)
+    scores_per_tile = rows_per_tile * q_per_block * key_blocks_per_tile * k_per_block
     peak = torch.zeros_like(mass) if config.max_mix > 0 else mass
     _block_mass_kernel[(num_sel, num_tiles)](
         q_slots,
@@ -424,6 +425,8 @@ def batch_block_mass(
         ROWS=rows_per_tile,
         KEY_BLOCKS=key_blocks_per_tile,
         PEAK=config.max_mix > 0,
-        num_warps=4,
+        # Past TILE x TILE scores a program (one-token composites: 128 x 128), 8 warps keep
+        # the default tile's registers per thread (chosen so, not timed against 4).
+        num_warps=4 if scores_per_tile <= TILE * TILE else 8,
     )
     return mix_peak(mass, peak, config.max_mix)
