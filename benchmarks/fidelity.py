@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from unisparse_vllm.calibrate import capture_qkv
-from unisparse_vllm.config import resolve_config
+from unisparse_vllm.calibrate import capture_qkv, measuring_device
+from unisparse_vllm.config import ConfigError, resolve_config
 from unisparse_vllm.core import (
     ContiguousKV,
     PrefillBatch,
@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument(
         "--c-h", type=int, nargs="+", help="query heads per selection (default: the profile's)"
     )
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N"
+    )
     parser.add_argument("--out", type=Path, help="JSON: every (layer, variant) row + summary")
     parser.add_argument("--plot", type=Path, help="PNG: density and recall per layer")
     args = parser.parse_args()
@@ -129,12 +132,17 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        device = measuring_device(args.device)
+    except ConfigError as err:
+        parser.error(str(err))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = model.to(device).eval()
     profile = resolve_config(  # the model family's profile: defaults of c_h, local_blocks
         model_type=model.config.model_type, architectures=model.config.architectures or ()
     )
-    captured = capture_qkv(model, long_prompt_ids(tokenizer, args.essays, args.tokens))
+    captured = capture_qkv(model, long_prompt_ids(tokenizer, args.essays, args.tokens).to(device))
     layers = args.layers if args.layers else list(range(len(captured)))
     batch = PrefillBatch.from_lens([args.tokens])
     # One variant per point of the grid; rows and the summary are keyed by these fields.

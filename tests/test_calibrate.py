@@ -118,3 +118,29 @@ def test_the_command_line_tries_the_default_taus_and_pools_as_asked(
     with pytest.raises(Seen) as seen:
         main([*argv, "--c-q", "16", "--c-k", "8"])
     assert (seen.value.args[1].c_q, seen.value.args[1].c_k) == (16, 8)
+
+
+def test_the_calibration_device_is_checked_and_passed_on(
+    monkeypatch, text: Path, tmp_path: Path, capsys
+) -> None:
+    import torch
+
+    from unisparse_vllm import calibrate
+
+    class Seen(Exception):
+        pass
+
+    def record(model: str, texts: list[str], **kwargs) -> None:
+        raise Seen(kwargs["device"])
+
+    monkeypatch.setattr(calibrate, "calibrate", record)
+    argv = ["calibrate", "--model", "m", "--text", str(text), "--out", str(tmp_path / "p.yaml")]
+    with pytest.raises(Seen) as seen:
+        main(argv)  # auto
+    assert seen.value.args[0] == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(Seen) as seen:
+        main([*argv, "--device", "cpu"])
+    assert seen.value.args[0] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*argv, "--device", "cuda:1"]) == 2
+    assert "--device cuda:1: no CUDA device is available here" in capsys.readouterr().err

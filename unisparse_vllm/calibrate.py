@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from .config import UniSparseConfig
+from .config import ConfigError, UniSparseConfig
 from .core import ContiguousKV, PrefillBatch, exact_key_block_probs, plan_prefill
 from .core.baselines import ESTIMATORS
 from .core.metrics import mass_recall
@@ -28,6 +28,16 @@ from .core.metrics import mass_recall
 # from 0.95 to 0.98 and overshot (recall 0.963 for a 0.95 target, sparse-layer density
 # 0.320); this grid meets the same target at 0.955 recall and density 0.284.
 DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
+
+
+def measuring_device(name: str) -> str:
+    """``--device`` of the measuring commands: ``auto`` is a GPU if there is one; asking for
+    CUDA where there is none is a config error, not a torch traceback."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    return name
 
 
 def capture_qkv(model: Any, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -143,13 +153,16 @@ def calibrate(
     tokens: int,
     config: UniSparseConfig,
     taus: tuple[float, ...] = DEFAULT_TAUS,
+    device: str = "cpu",
 ) -> tuple[dict[str, Any], list[LayerChoice], int]:
-    """``(profile settings, per-layer choices, calibration tokens used)``."""
+    """``(profile settings, per-layer choices, calibration tokens used)``; the model and
+    every measurement run on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[:, :tokens]
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = model.to(device).eval()
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[:, :tokens].to(device)
     if ids.shape[1] < 2 * config.block_size:
         raise ValueError(
             f"calibration text gives {ids.shape[1]} tokens; need >= {2 * config.block_size}"
