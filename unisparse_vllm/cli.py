@@ -121,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="auto",
         help="where the model and the measurements run: auto (a GPU if there is one), cpu, "
-        "cuda or cuda:N (a GPU calibrates 32K prompts in about a minute; the 2-core CPU "
-        "took 17 min at 16K)",
+        "cuda or cuda:N",
     )
     calibrate.add_argument("--out", required=True)
     calibrate.set_defaults(run=_calibrate)
