@@ -103,19 +103,20 @@ def shift(dense: torch.Tensor, other: torch.Tensor, answer: torch.Tensor) -> dic
 
 
 def run(args: argparse.Namespace, configs: list[dict]) -> dict:
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    AttentionInterface.register(ATTENTION, unisparse_reference_attention)
     device = measuring_device(args.device)
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    # Every config resolved before the model loads: a bad value costs no load.
+    resolved = {
+        c["name"]: resolve_config(c.get("unisparse", {}), model_type=model_type) for c in configs
+    }
+    AttentionInterface.register(ATTENTION, unisparse_reference_attention)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model: Any = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation=ATTENTION
     )
     model = model.to(device).eval()
-    resolved = {
-        c["name"]: resolve_config(c.get("unisparse", {}), model_type=model.config.model_type)
-        for c in configs
-    }
     spec = {
         "model": args.model,
         "haystack": str(args.haystack),
