@@ -90,9 +90,12 @@ def answer_log_probs(
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+METRICS = ("log_likelihood_change", "kl", "top1_kept")
+
+
 def shift(dense: torch.Tensor, other: torch.Tensor, answer: torch.Tensor) -> dict[str, float]:
-    """One prompt's metrics of ``other`` against ``dense`` (both ``answer_log_probs``)."""
-    positions = torch.arange(answer.shape[0])
+    """One prompt's ``METRICS`` of ``other`` against ``dense`` (both ``answer_log_probs``)."""
+    positions = torch.arange(answer.shape[0], device=answer.device)
     return {
         "log_likelihood_change": float(
             (other[positions, answer] - dense[positions, answer]).mean()
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace, configs: list[dict]) -> dict:
         }
         for name, config in resolved.items():
             other = answer_log_probs(model, generated, prompt_len, config)
-            row[name] = shift(dense, other, answer.cpu())
+            row[name] = shift(dense, other, answer)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"args": spec, "configs": configs, "rows": rows, "summary": summarize(rows, resolved)}
@@ -156,7 +159,7 @@ def summarize(rows: list[dict], configs: dict[str, UniSparseConfig]) -> dict[str
     summary = {}
     for name in configs:
         summary[name] = {}
-        for metric in ("log_likelihood_change", "kl", "top1_kept"):
+        for metric in METRICS:
             values = [r[name][metric] for r in rows]
             spread = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
             summary[name][metric] = {"mean": statistics.mean(values), "stderr": spread}
@@ -197,7 +200,7 @@ def main() -> None:
         parser.error(str(err))
     print(f"\n{'config':<32} {'d log-lik/token':>16} {'KL':>10} {'top-1 kept':>10}")
     for name, metrics in result["summary"].items():
-        ll, kl, top1 = (metrics[m] for m in ("log_likelihood_change", "kl", "top1_kept"))
+        ll, kl, top1 = (metrics[m] for m in METRICS)
         print(
             f"{name:<32} {ll['mean']:>+9.4f}±{ll['stderr']:.4f} {kl['mean']:>10.4f} "
             f"{top1['mean']:>10.3f}"

@@ -74,11 +74,12 @@ for job in "$@"; do
             --out "$RESULTS/qwen05-calibrated-${CALIB_TOKENS}-recall${CALIB_RECALL}.yaml" ;;
     ruler)
         # shellcheck disable=SC2086  # the lengths are words
-        step "ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" timeout 1700 python3 benchmarks/eval_ruler.py --spec "$RULER_SPEC" \
-            --model /tmp/qwen05 --haystack /tmp/data/essays --qa-data /tmp/data/qa \
+        step "ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" timeout 1700 python3 \
+            benchmarks/eval_ruler.py --spec "$RULER_SPEC" --model /tmp/qwen05 \
+            --haystack /tmp/data/essays --qa-data /tmp/data/qa \
             ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
-            ${RULER_SEED:+--seed $RULER_SEED} ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} \
-            --parallel "$RULER_PARALLEL" \
+            ${RULER_SEED:+--seed $RULER_SEED} \
+            ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} --parallel "$RULER_PARALLEL" \
             --gpus "$RULER_GPUS" --out-dir "$RESULTS/ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" ;;
     *)
         echo "unknown job $job" ;;

@@ -3,6 +3,7 @@ written out in PyTorch (paged keys, bottom-right causal), on a GPU with vLLM aga
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -35,13 +36,11 @@ def fa3_contract(
     ``< seqused_k - n + i + 1``."""
     query = query.cpu()
     kv = PagedKV(*(t.cpu() for t in (kv.key_cache, kv.value_cache, kv.block_table)))
-    virtual = flash.VirtualSequences(
-        virtual.cu_seqlens_q.cpu(),
-        virtual.seq_lens.cpu(),
-        virtual.block_table.cpu(),
-        virtual.selections_per_kv_head,
-        virtual.max_seqlen_q,
-        virtual.max_seqlen_k,
+    virtual = dataclasses.replace(
+        virtual,
+        cu_seqlens_q=virtual.cu_seqlens_q.cpu(),
+        seq_lens=virtual.seq_lens.cpu(),
+        block_table=virtual.block_table.cpu(),
     )
     out = torch.full_like(query, float("nan"))
     group = query.shape[1] // kv.num_kv_heads
