@@ -457,7 +457,7 @@ def main() -> None:
         results = run_configs(specs, args.parallel, work_dir, args.gpus)
     if not results:
         raise SystemExit("every config failed")
-    report(results, args.tasks, args.lengths, base, args)
+    report(results, args.tasks, args.lengths, {**base, "configs": configs}, args)
     failed = [c["name"] for c in configs if c["name"] not in results]
     if failed:
         raise SystemExit(f"failed configs (left out above): {', '.join(failed)}")

@@ -361,6 +361,8 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
     assert "tau = 1.7" in broken_log
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(report["table"]) == {"dense", "unisparse"}
+    # the run records what it ran (benchmarks/match_density.py reads the taus from it)
+    assert report["args"]["configs"] == configs
     for per_length in report["table"].values():
         assert 0.0 <= per_length["512"]["average"] <= 100.0
     (sparse,) = [r for r in report["records"]["unisparse"] if "stats" in r]

@@ -67,7 +67,9 @@ def capture_qkv(model: Any, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
     module.apply_rotary_pos_emb = recording_rope
     try:
         with torch.no_grad():
-            model(ids)
+            # The decoder stack only: the LM head's fp32 logits would be n x vocab (20 GB for
+            # Qwen2.5 at 32K tokens), and only the attention inputs are wanted.
+            model.model(ids)
     finally:
         module.apply_rotary_pos_emb = original
         for hook in hooks:
