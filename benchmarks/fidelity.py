@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from unisparse_vllm.calibrate import capture_qkv, measuring_device
+from unisparse_vllm.calibrate import capture_qkv, measuring_device, measuring_dtype
 from unisparse_vllm.config import ConfigError, resolve_config
 from unisparse_vllm.core import (
     ContiguousKV,
@@ -137,7 +137,7 @@ def main() -> None:
     except ConfigError as err:
         parser.error(str(err))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=measuring_dtype(device))
     model = model.to(device).eval()
     profile = resolve_config(  # the model family's profile: defaults of c_h, local_blocks
         model_type=model.config.model_type, architectures=model.config.architectures or ()

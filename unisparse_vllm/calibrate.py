@@ -40,6 +40,13 @@ def measuring_device(name: str) -> str:
     return name
 
 
+def measuring_dtype(device: str) -> torch.dtype:
+    """The model's dtype for measuring: bf16 on a GPU, as it is served (and fp32 SDPA with
+    grouped heads falls back to the math kernel there: 56 GB of scores at 32K tokens for
+    Qwen2.5-0.5B); fp32 on the CPU, whose bf16 matmuls are slow."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 def capture_qkv(model: Any, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Per layer ``(query [n, Hq, d], keys [n, Hkv, d], values [n, Hkv, d])``, post-RoPE, fp32.
 
@@ -162,7 +169,7 @@ def calibrate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=measuring_dtype(device))
     model = model.to(device).eval()
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[:, :tokens].to(device)
     if ids.shape[1] < 2 * config.block_size:
