@@ -395,12 +395,14 @@ def plot(table: dict, lengths: list[int], path: Path) -> None:
     for name, per in table.items():
         scores = [per[n]["average"] for n in lengths]
         by_length.plot(lengths, scores, "-o", label=name)
+        # With a few samples per task a bootstrap interval of the ratio can miss its point
+        # estimate: that side's bar is then drawn empty, not refused by matplotlib.
         by_density.errorbar(
             [per[n]["density"] for n in lengths],
             [per[n]["of_reference"] for n in lengths],
             yerr=[
-                [per[n]["of_reference"] - per[n]["of_reference_ci"][0] for n in lengths],
-                [per[n]["of_reference_ci"][1] - per[n]["of_reference"] for n in lengths],
+                [max(0.0, per[n]["of_reference"] - per[n]["of_reference_ci"][0]) for n in lengths],
+                [max(0.0, per[n]["of_reference_ci"][1] - per[n]["of_reference"]) for n in lengths],
             ],
             fmt="o",
             capsize=3,

@@ -454,3 +454,15 @@ def test_bad_spec_file_is_refused_naming_the_problem(tmp_path: Path, capsys, tex
     with pytest.raises(SystemExit):
         parse_args(["--spec", str(spec), "--model", "m", "--haystack", "h", "--qa-data", "q"])
     assert message in capsys.readouterr().err
+
+
+def test_plot_draws_an_interval_that_misses_its_point(tmp_path: Path) -> None:
+    """Two samples per task (a density sweep) can give a bootstrap interval beside the point
+    estimate; the plot still gets written (it raised in matplotlib and lost the table)."""
+    pytest.importorskip("matplotlib")
+    from eval_ruler import plot
+
+    row = {"average": 40.0, "density": 0.3, "of_reference": 90.0, "of_reference_ci": [91.0, 95.0]}
+    dense = {"average": 44.0, "density": 1.0, "of_reference": 100.0, "of_reference_ci": [100, 100]}
+    plot({"dense": {16384: dense}, "sweep": {16384: row}}, [16384], tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0
