@@ -70,7 +70,7 @@ def matched_configs(run: dict, length: int, target: float) -> list[dict]:
         estimator = settings.get("estimator", "unisparse")
         configs.append(
             {
-                "name": f"{estimator} top-p tau {tau} (density {target} at {length})",
+                "name": f"{estimator} top-p tau {tau} (swept for density {target} at {length})",
                 "backend": "unisparse",
                 "unisparse": {**settings, "tau": tau},
             }
