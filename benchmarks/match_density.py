@@ -4,11 +4,15 @@
         --target 32768=0.224 --out-dir matched
 
 Reads an ``eval_ruler.py`` run whose UNISPARSE configs differ only in ``tau`` within each
-group (same estimator and other settings; a few samples per task are enough, density is
-what is read), and for every group and target ``LENGTH=DENSITY`` interpolates the ``tau``
-whose measured mean density is the target. Writes one ``eval_ruler`` spec per length,
-``matched_<LENGTH>.yaml``, holding that length and the matched configs; the other options
-(samples, engine args, ...) come from the command line of the run that uses it.
+group (same estimator and other settings), and for every group and target ``LENGTH=DENSITY``
+interpolates the ``tau`` whose measured mean density is the target. Writes one ``eval_ruler``
+spec per length, ``matched_<LENGTH>.yaml``: that length, dense (the reference of the "% of
+dense" column; ``--only`` skips it where an earlier run's dense pairs by ``--combine``) and
+the matched configs; the other options (samples, engine args, ...) come from the command
+line of the run that uses it. Only densities are read, but run the sweep with >= 10 samples
+per task and the main run's engine arguments: the prefill tokens that run dense (a prompt's
+first chunk below ``min_sparse_tokens``) count in the density, and their share depends on
+how the scheduler packs steps (benchmarks/RESULTS.md section 4, seventh run).
 
 Why not top-k at the same fraction: top-k matches the density exactly but imposes one
 allocation rule on every estimator, so it compares block scores only. A peer's method is
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(err))
         path = args.out_dir / f"matched_{length}.yaml"
         header = f"# Matched to density {density} at {length} tokens from {args.sweep}\n"
-        path.write_text(header + yaml.safe_dump({"lengths": [length], "configs": configs}))
+        spec = {"lengths": [length], "configs": [{"name": "dense (FA3)"}, *configs]}
+        path.write_text(header + yaml.safe_dump(spec, sort_keys=False))
         for config in configs:
             print(f"{path}: {config['name']}")
 
