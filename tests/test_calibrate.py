@@ -50,6 +50,7 @@ def test_calibration_writes_a_loadable_per_layer_profile(
     assert all(o["tau"] in (0.5, 0.8, 0.95) for o in settings["layer_overrides"])
     header = out.read_text().splitlines()[:4]
     assert all(line.startswith("#") for line in header) and "layer 2" in header[3]
+    assert header[0].endswith("model in float32 on cpu")  # how it was measured
     config = resolve_config(file=out)
     assert config.block_size == 64
 

@@ -38,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .calibrate import DEFAULT_TAUS, calibrate, measuring_device, write_profile
+    from .calibrate import DEFAULT_TAUS, calibrate, measuring_device, measuring_dtype, write_profile
 
     device = measuring_device(args.device)
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
@@ -63,7 +63,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     header = (
         f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), "
-        f"target mean attention-mass recall {args.target_recall}"
+        f"target mean attention-mass recall {args.target_recall}, "
+        f"model in {str(measuring_dtype(device)).removeprefix('torch.')} on {device}"
     )
     write_profile(settings, Path(args.out), choices, header)
     resolve_config(file=args.out)  # what we wrote must load
