@@ -55,6 +55,18 @@ def test_calibration_writes_a_loadable_per_layer_profile(
     assert config.block_size == 64
 
 
+def test_a_peer_calibrated_selects_with_its_own_scores(
+    tiny: Path, text: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "xattention.yaml"
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    argv += ["--block-size", "64", "--estimator", "xattention", "--target-recall", "0.5"]
+    assert main([*argv, "--taus", "0.5", "0.9", "--out", str(out)]) == 0
+    assert resolve_config(file=out).estimator == "xattention"
+    ours = _calibrate(tiny, text, tmp_path / "ours.yaml", target=0.5)
+    assert ours["estimator"] == "unisparse"  # recorded either way: recall depends on it
+
+
 def test_unreachable_recall_makes_every_layer_dense(tiny: Path, text: Path, tmp_path: Path) -> None:
     # tau 0.05 keeps little more than the sink and diagonal blocks: far below 0.999 recall.
     settings = _calibrate(tiny, text, tmp_path / "dense.yaml", target=0.999, taus=("0.05",))

@@ -133,9 +133,9 @@ def choose_layer_budget(
 
 
 def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> dict[str, Any]:
-    """Profile settings: the geometry and forced blocks measured with (recall depends on
-    them, so a later change of defaults must not change the profile), the dense layers,
-    and one ``tau`` override per sparse layer."""
+    """Profile settings: the estimator, geometry and forced blocks measured with (recall
+    depends on them, so a later change of defaults must not change the profile), the dense
+    layers, and one ``tau`` override per sparse layer."""
     dense = sorted(c.layer for c in choices if c.tau is None)
     overrides = [
         {"layers": [c.layer], "tau": c.tau}
@@ -143,6 +143,7 @@ def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> d
         if c.tau is not None
     ]
     return {
+        "estimator": config.estimator,
         "block_size": config.block_size,
         "c_q": config.c_q,
         "c_k": config.c_k,

@@ -45,7 +45,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     config = resolve_config(
         {
             name: value
-            for name, value in (("c_q", args.c_q), ("c_k", args.c_k), ("c_h", args.c_h))
+            for name, value in (
+                ("c_q", args.c_q),
+                ("c_k", args.c_k),
+                ("c_h", args.c_h),
+                ("estimator", args.estimator),
+            )
             if value is not None
         }
         | {"block_size": args.block_size},
@@ -112,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--c-q", type=int, help="queries pooled (default: the profile's)")
     calibrate.add_argument("--c-k", type=int, help="keys pooled (default: the profile's)")
     calibrate.add_argument("--c-h", type=int, help="query heads pooled (default: the profile's)")
+    calibrate.add_argument(
+        "--estimator",
+        choices=["unisparse", "xattention", "last_block"],
+        help="block scores to calibrate (default: unisparse); a peer's rule calibrated the "
+        "same way compares the scores alone at one recall",
+    )
     calibrate.add_argument(
         "--taus",
         type=float,
