@@ -7,6 +7,8 @@ under tensor parallelism), read from ``UNISPARSE_STATS_PATH`` files.
     python benchmarks/e2e_vllm.py --out e2e.json [--lengths 32768 65536 131072]
     python benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 --serve-model llama-8b
     python benchmarks/e2e_vllm.py --skip tokens serve --ttft-model /tmp/qwen05 --lengths 32768
+    python benchmarks/e2e_vllm.py --skip tokens serve --ttft-model /tmp/qwen05 --lengths 32768 \
+        --ttft-text essays.txt --ttft-profile qwen2.5-coder-0.5b-instruct   # real weights
 """
 
 from __future__ import annotations
@@ -88,14 +90,19 @@ def worker(spec: dict) -> dict:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
         result = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
     else:  # ttft
+        text = spec.get("text")
+        random_weights = {"load_format": "dummy", "skip_tokenizer_init": True}
         llm = LLM(
             **kwargs,
-            load_format="dummy",
-            skip_tokenizer_init=True,
+            **({} if text else random_weights),
             max_model_len=max(spec["lengths"]),
             max_num_batched_tokens=16384,
             enable_prefix_caching=False,
         )
+        text_ids = None
+        if text:
+            tokenizer = llm.get_tokenizer()
+            text_ids = tokenizer.encode(Path(text).read_text(errors="ignore"))
         params = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
         llm.generate([{"prompt_token_ids": [1] * 1024}], params, use_tqdm=False)  # warm up
         result = {"ttft_s": {}}
@@ -103,12 +110,22 @@ def worker(spec: dict) -> dict:
             times = []
             for rep in range(2):
                 # n - 1 prompt tokens: the generated one must fit in max_model_len
-                ids = [(i * 7919 + rep) % 120000 + 1000 for i in range(n - 1)]
+                ids = prompt_ids(n - 1, rep, text_ids)
                 start = time.perf_counter()
                 llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
                 times.append(time.perf_counter() - start)
             result["ttft_s"][n] = min(times)
     return result
+
+
+def prompt_ids(length: int, rep: int, text_ids: list[int] | None = None) -> list[int]:
+    """A TTFT prompt of ``length`` tokens; ``rep`` makes each repetition a different prompt
+    (no cache can serve it). From ``text_ids`` (the text cycled, starting ``rep`` thousand
+    tokens in) for real weights, whose sparsity depends on the text; otherwise spread ids."""
+    if not text_ids:
+        return [(i * 7919 + rep) % 120000 + 1000 for i in range(length)]
+    start = rep * 1000
+    return [text_ids[(start + i) % len(text_ids)] for i in range(length)]
 
 
 def process_counters(stats_dir: Path) -> dict[str, dict]:
@@ -259,14 +276,28 @@ def main() -> None:
     )
     parser.add_argument(
         "--ttft-model",
-        help="model folder of the TTFT job; only its config is read, the weights are random "
-        "(default: Llama-3.1-8B shapes)",
+        help="model folder of the TTFT job; without --ttft-text only its config is read, the "
+        "weights are random (default: Llama-3.1-8B shapes)",
+    )
+    parser.add_argument(
+        "--ttft-text",
+        type=Path,
+        help="with --ttft-model: its real weights, and prompts cut from this text (the "
+        "selection's density depends on real attention, which random weights do not have)",
+    )
+    parser.add_argument(
+        "--ttft-profile",
+        help="one more TTFT engine: UNISPARSE with this profile (a file or a shipped name)",
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the tokens job with CUDA graphs (not eager)"
     )
     args = parser.parse_args()
+    if args.ttft_text and not args.ttft_model:
+        parser.error("--ttft-text needs --ttft-model (a folder with weights and a tokenizer)")
+    if args.ttft_text and not args.ttft_text.is_file():
+        parser.error(f"--ttft-text {args.ttft_text}: no such file")
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -298,6 +329,8 @@ def main() -> None:
     if "ttft" not in args.skip:
         model = args.ttft_model or str(llama)
         base = {"job": "ttft", "model": model, "lengths": args.lengths, "tp": args.tp}
+        if args.ttft_text:
+            base["text"] = str(args.ttft_text)
         report["ttft"] = {
             "FLASH_ATTN": run(base | {"backend": "FLASH_ATTN"}),
             "UNISPARSE topk density 0.1": run(
@@ -305,6 +338,10 @@ def main() -> None:
             ),
             "UNISPARSE top_p tau 0.9 (default)": run(base | {"backend": "UNISPARSE"}),
         }
+        if args.ttft_profile:
+            report["ttft"][f"UNISPARSE profile {args.ttft_profile}"] = run(
+                base | {"backend": "UNISPARSE", "unisparse": {"profile": args.ttft_profile}}
+            )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

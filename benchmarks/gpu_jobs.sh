@@ -7,7 +7,8 @@
 # JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
-# ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B shapes: where the host's work per layer shows),
+# ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B, real weights, essay prompts, with the shipped
+# calibrated profile too: where the host's work per layer shows; needs /tmp/data/essays),
 # calibrate (unisparse calibrate on the GPU: Qwen at CALIB_TOKENS tokens, default 32768, target
 # recall CALIB_RECALL, default 0.93, c_q 4, c_h 1, block scores CALIB_ESTIMATOR, default
 # unisparse -> /tmp/results/qwen05-calibrated-*.yaml; ~25 s on an H200 at 32K),
@@ -64,8 +65,11 @@ for job in "$@"; do
         step convert bash -c "cat /tmp/gguf/part-* > /tmp/qwen.gguf && \
             python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05" ;;
     ttft-qwen)
+        cat /tmp/data/essays/*.txt > /tmp/essays.txt
         step ttft-qwen timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
-            --ttft-model /tmp/qwen05 --lengths 16384 32768 --out "$RESULTS/e2e_ttft_qwen.json" ;;
+            --ttft-model /tmp/qwen05 --ttft-text /tmp/essays.txt \
+            --ttft-profile qwen2.5-coder-0.5b-instruct --lengths 16384 32768 \
+            --out "$RESULTS/e2e_ttft_qwen.json" ;;
     tp2)
         step tp2 timeout 900 python3 benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 \
             --serve-model llama-8b --out "$RESULTS/e2e_tp2.json" ;;
