@@ -92,6 +92,18 @@ def test_written_specs_run_through_eval_ruler(tmp_path: Path) -> None:
     assert all("density 0.2 at 32768" in c["name"] for c in configs[1:])
 
 
+def test_a_sweep_with_many_dense_tokens_is_flagged(tmp_path: Path, capsys) -> None:
+    run = _run()
+    run["table"]["xattention 0.9"]["16384"]["fallback"] = 0.159  # as the 2-sample sweep had
+    run["table"]["xattention 0.9"]["32768"]["fallback"] = 0.025
+    sweep = tmp_path / "results.json"
+    sweep.write_text(json.dumps(run))
+    argv = [str(sweep), "--target", "16384=0.26", "--target", "32768=0.2"]
+    match_density.main([*argv, "--out-dir", str(tmp_path)])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "at 16384 tokens 16% of the sweep's prefill" in warnings[0]
+
+
 @pytest.mark.parametrize("target", ["16384", "16384=0", "x=0.2", "16384=1.5"])
 def test_bad_targets_exit_naming_the_value(target: str, capsys) -> None:
     with pytest.raises(SystemExit):
