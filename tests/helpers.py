@@ -1,6 +1,12 @@
-"""Shared builders for tests: random varlen batches and an independent dense reference."""
+"""Shared builders for tests: random varlen batches, an independent dense reference, and
+benchmark scripts run as a user runs them."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -43,3 +49,19 @@ def sdpa_reference(query: Tensor, kv: ContiguousKV, batch: PrefillBatch, scale: 
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out[batch.query_slice(r)] = o.transpose(0, 1)
     return out
+
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_benchmark(
+    script: str, argv: list[str], timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> argv...`` in a child process, output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else dict(env),
+    )

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_benchmark
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
 # Layer 0 sparse too: with the family's dense layer 0 the tiny model's second and last layer
 # would be the only sparse one, and no later layer reads its prompt rows.
 TOY = {"min_sparse_tokens": 0, "block_size": 64, "local_blocks": 1, "dense_layers": []}
@@ -25,12 +24,7 @@ def _run(tmp_path: Path, configs: str) -> subprocess.CompletedProcess:
     argv = ["--model", str(model), "--haystack", str(haystack), "--tasks", "niah_single", "vt"]
     argv += ["--length", "700", "--samples", "2", "--device", "cpu", "--configs", configs]
     argv += ["--out", str(tmp_path / "shift.json")]
-    return subprocess.run(
-        [sys.executable, str(BENCH / "answer_shift.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_benchmark("answer_shift.py", argv, timeout=600)
 
 
 def test_answers_move_only_under_a_sparse_budget(tmp_path: Path) -> None:

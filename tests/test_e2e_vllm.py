@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
+from helpers import BENCH, run_benchmark
+
 sys.path.insert(0, str(BENCH))
 
-from e2e_vllm import prompt_ids  # noqa: E402
+from e2e_vllm import prompt_ids
 
 
 def test_synthetic_prompts_have_the_length_and_differ_per_repetition() -> None:
@@ -28,12 +29,7 @@ def test_text_prompts_cycle_the_text_from_a_per_repetition_offset() -> None:
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(BENCH / "e2e_vllm.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_benchmark("e2e_vllm.py", list(argv), timeout=120)
 
 
 def test_real_weights_need_a_model_folder_and_an_existing_text(tmp_path: Path) -> None:

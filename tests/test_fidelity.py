@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).parents[1] / "benchmarks"
+from helpers import run_benchmark
 
 
 def test_fidelity_grid_on_the_tiny_model(tmp_path: Path) -> None:
@@ -28,12 +25,7 @@ def test_fidelity_grid_on_the_tiny_model(tmp_path: Path) -> None:
     argv += ["--taus", "0.9", "--out", str(out)]
     plotting = importlib.util.find_spec("matplotlib") is not None  # the [eval] extra
     argv += ["--plot", str(png)] if plotting else []
-    result = subprocess.run(
-        [sys.executable, str(BENCH / "fidelity.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_benchmark("fidelity.py", argv, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     grid = {(r["c_q"], r["c_k"], r["c_h"]) for r in report["summary"]}

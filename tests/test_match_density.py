@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import BENCH
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import match_density  # noqa: E402
+import match_density
 
 # density per (estimator, tau) at 16384 tokens; 32768 is sparser
 SWEEP = {

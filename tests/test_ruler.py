@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import BENCH, run_benchmark
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from ruler import (  # noqa: E402
+from ruler import (
     QA_FILES,
     TASKS,
     Haystack,
@@ -322,10 +321,9 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
         },
     ]
     configs.append({"name": "broken", "backend": "unisparse", "unisparse": {"tau": 1.7}})
-    result = subprocess.run(
+    result = run_benchmark(
+        "eval_ruler.py",
         [
-            sys.executable,
-            str(BENCH / "eval_ruler.py"),
             "--model",
             str(model),
             "--haystack",
@@ -347,8 +345,6 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
             "--out-dir",
             str(tmp_path / "out"),
         ],
-        capture_output=True,
-        text=True,
         timeout=900,
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
