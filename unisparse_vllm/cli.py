@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 import yaml
 
-from .config import ConfigError, resolve_config
+from .config import ConfigError, UniSparseConfig, resolve_config
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--c-h", type=int, help="query heads pooled (default: the profile's)")
     calibrate.add_argument(
         "--estimator",
-        choices=["unisparse", "xattention", "last_block"],
+        choices=typing.get_args(UniSparseConfig.model_fields["estimator"].annotation),
         help="block scores to calibrate (default: unisparse); a peer's rule calibrated the "
         "same way compares the scores alone at one recall",
     )
