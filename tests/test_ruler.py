@@ -462,3 +462,13 @@ def test_plot_draws_an_interval_that_misses_its_point(tmp_path: Path) -> None:
     dense = {"average": 44.0, "density": 1.0, "of_reference": 100.0, "of_reference_ci": [100, 100]}
     plot({"dense": {16384: dense}, "sweep": {16384: row}}, [16384], tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_plot_styles_tell_many_configs_apart() -> None:
+    """Twelve configs (the eighth RULER run's 16K table) get twelve different looks; with
+    matplotlib's color cycle alone the eleventh looked like the first."""
+    from eval_ruler import plot_styles
+
+    styles = plot_styles(70)
+    assert len(set(styles)) == 70
+    assert styles[10] != styles[0] and styles[10][0] == styles[0][0]  # same color, new marker
