@@ -65,6 +65,20 @@ def test_a_peer_calibrated_selects_with_its_own_scores(
     assert resolve_config(file=out).estimator == "xattention"
     ours = _calibrate(tiny, text, tmp_path / "ours.yaml", target=0.5)
     assert ours["estimator"] == "unisparse"  # recorded either way: recall depends on it
+    assert ours["max_mix"] == 0.0
+
+
+def test_a_calibration_with_the_peak_term_records_it(
+    tiny: Path, text: Path, tmp_path: Path
+) -> None:
+    """The peak term changes the block mass, hence the recall a tau reaches: a profile
+    calibrated with it must select with it."""
+    out = tmp_path / "peak.yaml"
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    argv += ["--block-size", "64", "--c-k", "4", "--max-mix", "0.5", "--target-recall", "0.5"]
+    assert main([*argv, "--taus", "0.5", "0.9", "--out", str(out)]) == 0
+    config = resolve_config(file=out)
+    assert (config.c_k, config.max_mix) == (4, 0.5)
 
 
 def test_unreachable_recall_makes_every_layer_dense(tiny: Path, text: Path, tmp_path: Path) -> None:

@@ -148,6 +148,7 @@ def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> d
         "c_q": config.c_q,
         "c_k": config.c_k,
         "c_h": config.c_h,
+        "max_mix": config.max_mix,
         "sink_blocks": config.sink_blocks,
         "local_blocks": config.local_blocks,
         "dense_layers": dense,

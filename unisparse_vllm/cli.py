@@ -51,6 +51,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                 ("c_k", args.c_k),
                 ("c_h", args.c_h),
                 ("estimator", args.estimator),
+                ("max_mix", args.max_mix),
             )
             if value is not None
         }
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=typing.get_args(UniSparseConfig.model_fields["estimator"].annotation),
         help="block scores to calibrate (default: unisparse); a peer's rule calibrated the "
         "same way compares the scores alone at one recall",
+    )
+    calibrate.add_argument(
+        "--max-mix",
+        type=float,
+        help="peak term mixed into the block mass (default: the profile's); recorded in the "
+        "profile, since the recall of a tau depends on it",
     )
     calibrate.add_argument(
         "--taus",
