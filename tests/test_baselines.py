@@ -81,3 +81,47 @@ def test_baselines_keep_their_work_on_the_inputs_device() -> None:
         )
         assert on_gpu.is_cuda
         torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+
+
+def _mixed_config(weight: float) -> object:
+    return resolve_config(
+        {"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, "last_block_mix": weight}
+    )
+
+
+def test_last_block_mix_of_one_selects_as_the_last_block_rule() -> None:
+    query, kv, batch = random_batch([300, 200], [0, 100], 4, 2, 16, seed=7)
+    config = _mixed_config(1.0)
+    budget = config.for_layer(0).model_copy(update={"tau": 0.6})
+    mixed = plan_prefill(query, kv, batch, config, budget, scale=0.25)
+    peer_config = CONFIG.model_copy(update={"estimator": "last_block"})
+    peer = plan_prefill(query, kv, batch, peer_config, budget, scale=0.25)
+    assert torch.equal(mixed.counts, peer.counts) and torch.equal(mixed.indices, peer.indices)
+
+
+def test_last_block_mix_gives_every_row_the_block_the_chunk_end_attends_to() -> None:
+    """A 'needle' key block that only the chunk's last query block attends to: the rows' own
+    mass leaves it out of a small top-k budget, the mix puts it in every row that sees it."""
+    query, kv, batch = random_batch([2048], [0], 2, 1, 16, seed=8)
+    needle = torch.zeros(16, dtype=query.dtype)
+    needle[0] = 8.0
+    kv.keys[3 * 64 : 4 * 64, 0] = needle  # key block 3
+    query[..., 0] = 0.0  # no other row looks for it
+    query[-64:] = needle  # the last query block does
+    # Query blocks 20..30 keep 5-7 blocks at top-k 0.2 (sink and 2 local forced among them);
+    # block 31 is the dense tail.
+    rows_after = range(20, 31)
+
+    def share_selecting_the_needle(weight: float) -> float:
+        config = _mixed_config(weight)
+        budget = config.for_layer(0).model_copy(update={"mode": "topk", "density": 0.2})
+        plan = plan_prefill(query, kv, batch, config, budget, scale=0.25)
+        picked = [
+            3 in plan.indices[h, r, : plan.counts[h, r]].tolist()
+            for h in range(plan.counts.shape[0])
+            for r in rows_after
+        ]
+        return sum(picked) / len(picked)
+
+    assert share_selecting_the_needle(0.0) < 0.5
+    assert share_selecting_the_needle(0.5) == 1.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -212,6 +212,22 @@ def step_rows(
     )
 
 
+def with_last_block(estimator: BatchMassEstimator, weight: float) -> BatchMassEstimator:
+    """``estimator`` mixed with the last-block estimate: ``(1 - weight) M + weight L``, ``L``
+    every row's share of the chunk's last query block's exact attention per key block,
+    renormalised over the row's causal blocks. Both rows sum to 1, so the mix does too. Why:
+    on RULER's multi-key prompts a needle row attends little to the earlier needles, so a
+    row's own mass drops them, while the question at the prompt's end attends to every one
+    of them (benchmarks/RESULTS.md section 3, "Answers under sparse prefill")."""
+    from .baselines import last_block_block_mass  # the peers' rules build on this module
+
+    def mixed(*args: Any, **kwargs: Any) -> Tensor:
+        own, question = estimator(*args, **kwargs), last_block_block_mass(*args, **kwargs)
+        return (1.0 - weight) * own + weight * question
+
+    return mixed
+
+
 def plan_prefill(
     query: Tensor,
     kv: KVSource,
@@ -235,6 +251,8 @@ def plan_prefill(
         from .baselines import ESTIMATORS  # the peers' rules build on this module
 
         estimator = ESTIMATORS[config.estimator]
+    if config.last_block_mix:
+        estimator = with_last_block(estimator, config.last_block_mix)
     block_size = config.block_size
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
     rows = step_rows(
