@@ -240,8 +240,9 @@ def plan_prefill(
     estimator: BatchMassEstimator | None = None,
     selector: Selector = select_blocks,
 ) -> BlockPlan:
-    """Estimate block mass (``estimator``, default: ``config.estimator``'s reference) and
-    select blocks (``selector``) for a whole prefill batch.
+    """Estimate block mass (``estimator``, default: ``config.estimator``'s reference; mixed
+    with the last-block term when ``config.last_block_mix``) and select blocks
+    (``selector``) for a whole prefill batch.
 
     Dense rows: those of ``step_rows`` (decodes, short requests, the last
     ``dense_tail_blocks`` query blocks before ``prompt_lens[r]``; default: the chunk's end,
