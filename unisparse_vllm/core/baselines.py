@@ -44,9 +44,14 @@ def xattention_block_mass(
     def mass_of(q: Tensor, keys: Tensor, context: int, rows: range) -> Tensor:
         n, seq_len = q.shape[0], keys.shape[0]
         group = q.shape[1] // keys.shape[1]
-        q = pool_heads(q.double(), c_h)  # [n, Hs, d]
+        # float64 only for float64 inputs (the tests against exact mass), as in
+        # exact_key_block_probs: the [heads, L/S, L/S] scores are the largest tensor of any
+        # estimator here, and in float64 this rule took 2.3 s a 32K prompt on the H200
+        # against 0.8 s for ours (benchmarks/RESULTS.md section 4, eighth run).
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = pool_heads(q.to(work), c_h)  # [n, Hs, d]
         device = q.device
-        k = keys.double()[:, torch.arange(q.shape[1], device=device) * c_h // group]  # [L, Hs, d]
+        k = keys.to(work)[:, torch.arange(q.shape[1], device=device) * c_h // group]  # [L, Hs, d]
         # Pad both to whole strides at absolute positions; padded slots are masked below.
         q_pad = q.new_zeros(rows.stop * block - rows.start * block, *q.shape[1:])
         q_pad[context - rows.start * block : context - rows.start * block + n] = q
