@@ -83,15 +83,9 @@ def test_baselines_keep_their_work_on_the_inputs_device() -> None:
         torch.testing.assert_close(on_gpu.cpu(), on_cpu)
 
 
-def _mixed_config(weight: float) -> object:
-    return resolve_config(
-        {"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0, "last_block_mix": weight}
-    )
-
-
 def test_last_block_mix_of_one_selects_as_the_last_block_rule() -> None:
     query, kv, batch = random_batch([300, 200], [0, 100], 4, 2, 16, seed=7)
-    config = _mixed_config(1.0)
+    config = CONFIG.model_copy(update={"last_block_mix": 1.0})
     budget = config.for_layer(0).model_copy(update={"tau": 0.6})
     mixed = plan_prefill(query, kv, batch, config, budget, scale=0.25)
     peer_config = CONFIG.model_copy(update={"estimator": "last_block"})
@@ -113,7 +107,7 @@ def test_last_block_mix_gives_every_row_the_block_the_chunk_end_attends_to() -> 
     rows_after = range(20, 31)
 
     def share_selecting_the_needle(weight: float) -> float:
-        config = _mixed_config(weight)
+        config = CONFIG.model_copy(update={"last_block_mix": weight})
         budget = config.for_layer(0).model_copy(update={"mode": "topk", "density": 0.2})
         plan = plan_prefill(query, kv, batch, config, budget, scale=0.25)
         picked = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range
+from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range, working_dtype
 from .plan import BlockPlan
 
 
@@ -28,7 +28,7 @@ def _prefill_attention(
     plan: BlockPlan | None,
     out: Tensor | None,
 ) -> Tensor:
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    work = working_dtype(query)
     out = torch.empty_like(query) if out is None else out
     num_heads = query.shape[1]
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..config import UniSparseConfig
-from .batch import KVSource, PrefillBatch, num_key_blocks
+from .batch import KVSource, PrefillBatch, num_key_blocks, working_dtype
 from .estimate import pool_heads
 from .metrics import exact_key_block_probs
 from .plan import BatchMassEstimator, batch_block_mass, per_request_mass
@@ -44,11 +44,10 @@ def xattention_block_mass(
     def mass_of(q: Tensor, keys: Tensor, context: int, rows: range) -> Tensor:
         n, seq_len = q.shape[0], keys.shape[0]
         group = q.shape[1] // keys.shape[1]
-        # float64 only for float64 inputs (the tests against exact mass), as in
-        # exact_key_block_probs: the [heads, L/S, L/S] scores are the largest tensor of any
+        # Not always float64: the [heads, L/S, L/S] scores are the largest tensor of any
         # estimator here, and in float64 this rule took 2.3 s a 32K prompt on the H200
         # against 0.8 s for ours (benchmarks/RESULTS.md section 4, eighth run).
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        work = working_dtype(q)
         q = pool_heads(q.to(work), c_h)  # [n, Hs, d]
         device = q.device
         k = keys.to(work)[:, torch.arange(q.shape[1], device=device) * c_h // group]  # [L, Hs, d]

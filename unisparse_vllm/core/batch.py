@@ -89,6 +89,12 @@ def query_block_range(context_len: int, query_len: int, block_size: int) -> rang
     return range(context_len // block_size, (context_len + query_len - 1) // block_size + 1)
 
 
+def working_dtype(tensor: Tensor) -> torch.dtype:
+    """What the reference computes in: float64 for float64 inputs (the tests against exact
+    references), float32 for everything else (bf16 / fp16 / fp32 activations)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def num_key_blocks(seq_len: int, block_size: int) -> int:
     return math.ceil(seq_len / block_size)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batch import num_key_blocks, query_block_range
+from .batch import num_key_blocks, query_block_range, working_dtype
 
 
 def pool_heads(query: Tensor, c_h: int) -> Tensor:
@@ -91,7 +91,7 @@ def block_mass(
     composite queries of the softmax mass on block ``j``'s composite keys, so rows sum to 1;
     ``max_mix > 0`` mixes in the peak term (``mix_peak``).
     """
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    work = working_dtype(query)
     num_sel_heads = query.shape[1] // c_h
     group = query.shape[1] // keys.shape[1]
     q_c, _, q_last = composite_queries(query.to(work), context_len, c_q, c_h)

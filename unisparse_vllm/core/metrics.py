@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .attention import dense_attention
-from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range
+from .batch import KVSource, PrefillBatch, num_key_blocks, query_block_range, working_dtype
 from .plan import BlockPlan
 
 
@@ -22,7 +22,7 @@ def exact_key_block_probs(
     """Exact causal softmax of each query token, summed per key block: ``[Hq, n, key blocks]``."""
     n, num_heads, _ = query.shape
     seq_len = keys.shape[0]
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    work = working_dtype(query)
     group = num_heads // keys.shape[1]
     k = keys.to(work).repeat_interleave(group, dim=1).transpose(0, 1)
     key_block = torch.arange(seq_len, device=query.device) // block_size
