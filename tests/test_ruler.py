@@ -412,6 +412,25 @@ def test_spec_file_sets_options_and_the_command_line_wins(tmp_path: Path) -> Non
     assert [c["name"] for c in configs] == ["sparse"]
 
 
+def test_a_configs_engine_args_add_to_the_runs(tmp_path: Path, capsys) -> None:
+    from eval_ruler import config_spec, parse_args
+
+    base = {"model": "m", "engine_args": {"enforce_eager": True, "kv_cache_memory_bytes": 4}}
+    chunked = {"name": "one chunk", "engine_args": {"max_num_batched_tokens": 32768}}
+    assert config_spec(base, chunked)["engine_args"] == {
+        "enforce_eager": True,
+        "kv_cache_memory_bytes": 4,
+        "max_num_batched_tokens": 32768,
+    }
+    assert config_spec(base, {"name": "plain"})["engine_args"] == base["engine_args"]
+    assert base["engine_args"] == {"enforce_eager": True, "kv_cache_memory_bytes": 4}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("configs: [{name: dense}, {name: b, engine_args: [1]}]\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--spec", str(spec), "--model", "m", "--haystack", "h", "--qa-data", "q"])
+    assert "engine_args of config(s) 'b': not a mapping" in capsys.readouterr().err
+
+
 SPECS = sorted(p for p in (BENCH / "ruler_specs").glob("*.yaml") if "configs:" in p.read_text())
 
 
