@@ -23,18 +23,22 @@ def exact_key_block_probs(
     n, num_heads, _ = query.shape
     seq_len = keys.shape[0]
     work = working_dtype(query)
-    group = num_heads // keys.shape[1]
-    k = keys.to(work).repeat_interleave(group, dim=1).transpose(0, 1)
+    num_kv_heads = keys.shape[1]
+    # Grouped, not repeated: the keys in the working dtype once per KV head (at 128K tokens
+    # with Llama-8B heads, repeating them per query head would take 2 GB in float32).
+    k = keys.to(work).transpose(0, 1)  # [Hkv, L, d]
     key_block = torch.arange(seq_len, device=query.device) // block_size
     out = query.new_zeros(num_heads, n, num_key_blocks(seq_len, block_size), dtype=work)
     for start in range(0, n, block_size):
-        q = query[start : start + block_size].to(work).transpose(0, 1)
-        end = context_len + start + q.shape[1]  # keys past the last query are never visible
+        q = query[start : start + block_size].to(work)
+        m = q.shape[0]
+        q = q.view(m, num_kv_heads, num_heads // num_kv_heads, -1).permute(1, 2, 0, 3)
+        end = context_len + start + m  # keys past the last query are never visible
         pos = torch.arange(context_len + start, end, device=query.device)
-        scores = torch.einsum("hmd,hld->hml", q, k[:, :end]) * scale
+        scores = torch.einsum("hgmd,hld->hgml", q, k[:, :end]).reshape(num_heads, m, end) * scale
         causal = torch.arange(end, device=query.device)[None, :] <= pos[:, None]
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        out[:, start : start + q.shape[1]].index_add_(2, key_block[:end], probs)
+        out[:, start : start + m].index_add_(2, key_block[:end], probs)
     return out
 
 
