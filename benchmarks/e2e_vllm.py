@@ -8,7 +8,8 @@ under tensor parallelism), read from ``UNISPARSE_STATS_PATH`` files.
     python benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 --serve-model llama-8b
     python benchmarks/e2e_vllm.py --skip tokens serve --ttft-model /tmp/qwen05 --lengths 32768
     python benchmarks/e2e_vllm.py --skip tokens serve --ttft-model /tmp/qwen05 --lengths 32768 \
-        --ttft-text essays.txt --ttft-profile qwen2.5-coder-0.5b-instruct   # real weights
+        --ttft-text essays.txt --ttft-unisparse '{"profile": "qwen2.5-coder-0.5b-instruct"}' \
+        --ttft-chunk 32768   # real weights; one more engine per --ttft-unisparse
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def worker(spec: dict) -> dict:
             **kwargs,
             **({} if text else random_weights),
             max_model_len=max(spec["lengths"]),
-            max_num_batched_tokens=16384,
+            max_num_batched_tokens=spec.get("chunk", 16384),
             enable_prefix_caching=False,
         )
         text_ids = None
@@ -286,8 +287,19 @@ def main() -> None:
         "selection's density depends on real attention, which random weights do not have)",
     )
     parser.add_argument(
-        "--ttft-profile",
-        help="one more TTFT engine: UNISPARSE with this profile (a file or a shipped name)",
+        "--ttft-unisparse",
+        type=json.loads,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='one more TTFT engine: UNISPARSE with these settings, e.g. \'{"profile": '
+        '"qwen2.5-coder-0.5b-instruct", "last_block_mix": 0.5}\' (repeatable)',
+    )
+    parser.add_argument(
+        "--ttft-chunk",
+        type=int,
+        default=16384,
+        help="max_num_batched_tokens of every TTFT engine (32768: a 32K prompt in one step)",
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=["tokens", "serve", "ttft"])
     parser.add_argument(
@@ -298,6 +310,15 @@ def main() -> None:
         parser.error("--ttft-text needs --ttft-model (a folder with weights and a tokenizer)")
     if args.ttft_text and not args.ttft_text.is_file():
         parser.error(f"--ttft-text {args.ttft_text}: no such file")
+    for settings in args.ttft_unisparse:  # a bad budget is refused before any engine starts
+        from unisparse_vllm.config import ConfigError, resolve_config
+
+        try:
+            if not isinstance(settings, dict):
+                raise ConfigError(f"must be a JSON object of UniSparse settings, got {settings!r}")
+            resolve_config(settings)
+        except ConfigError as err:
+            parser.error(f"--ttft-unisparse: {err}")
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -328,7 +349,13 @@ def main() -> None:
         report["serve"] = serve_check(*serve_requests(args.serve_model, tiny, llama), args.tp)
     if "ttft" not in args.skip:
         model = args.ttft_model or str(llama)
-        base = {"job": "ttft", "model": model, "lengths": args.lengths, "tp": args.tp}
+        base = {
+            "job": "ttft",
+            "model": model,
+            "lengths": args.lengths,
+            "tp": args.tp,
+            "chunk": args.ttft_chunk,
+        }
         if args.ttft_text:
             base["text"] = str(args.ttft_text)
         report["ttft"] = {
@@ -338,9 +365,9 @@ def main() -> None:
             ),
             "UNISPARSE top_p tau 0.9 (default)": run(base | {"backend": "UNISPARSE"}),
         }
-        if args.ttft_profile:
-            report["ttft"][f"UNISPARSE profile {args.ttft_profile}"] = run(
-                base | {"backend": "UNISPARSE", "unisparse": {"profile": args.ttft_profile}}
+        for settings in args.ttft_unisparse:
+            report["ttft"][f"UNISPARSE {json.dumps(settings)}"] = run(
+                base | {"backend": "UNISPARSE", "unisparse": settings}
             )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

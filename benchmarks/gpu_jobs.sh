@@ -8,7 +8,8 @@
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
 # ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B, real weights, essay prompts, with the shipped
-# calibrated profile too: where the host's work per layer shows; needs /tmp/data/essays),
+# calibrated profile and the question-aware term too: where the host's work per layer shows;
+# TTFT_CHUNK tokens a step, default 16384; needs /tmp/data/essays),
 # calibrate (unisparse calibrate on the GPU: Qwen at CALIB_TOKENS tokens, default 32768, target
 # recall CALIB_RECALL, default 0.93, c_q 4, c_k CALIB_C_K, default 16, c_h 1, peak term
 # CALIB_MAX_MIX, default 0.0, block scores CALIB_ESTIMATOR, default unisparse ->
@@ -33,7 +34,7 @@ GGUF_PARTS=${GGUF_PARTS:-9}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
-CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
+TTFT_CHUNK=${TTFT_CHUNK:-16384} CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
 CALIB_ESTIMATOR=${CALIB_ESTIMATOR:-unisparse} CALIB_C_K=${CALIB_C_K:-16} CALIB_MAX_MIX=${CALIB_MAX_MIX:-0.0}
 mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
@@ -69,7 +70,8 @@ for job in "$@"; do
         cat /tmp/data/essays/*.txt > /tmp/essays.txt
         step ttft-qwen timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
             --ttft-model /tmp/qwen05 --ttft-text /tmp/essays.txt \
-            --ttft-profile qwen2.5-coder-0.5b-instruct --lengths 16384 32768 \
+            --ttft-unisparse '{"profile": "qwen2.5-coder-0.5b-instruct"}' \
+            --ttft-unisparse '{"last_block_mix": 0.5}' --ttft-chunk "$TTFT_CHUNK" --lengths 16384 32768 \
             --out "$RESULTS/e2e_ttft_qwen.json" ;;
     tp2)
         step tp2 timeout 900 python3 benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 \
