@@ -6,10 +6,13 @@ interval (benchmarks/RESULTS.md section 4). Here each prompt's dense greedy answ
 generated once, then teacher-forced after the prompt under every config: the prompt is
 prefilled through ``core.plan_prefill`` and ``core.sparse_attention`` (its last
 ``dense_tail_blocks`` blocks dense, as served), the answer tokens attend densely, as decoding
-does. Per config: the change of the answer's log-likelihood against dense (nats per token),
-KL(dense || config) over the answer positions, and the share of answer positions whose top
-token is still dense's. Paired and continuous, so a few dozen prompts separate configs that
-RULER cannot. The prompts are eval_ruler's (same tasks, lengths and seeds).
+does; a config's ``chunk`` prefills the prompt in steps of that many tokens, each attending
+to the cache of the earlier ones, as vLLM's chunked prefill does (``max_num_batched_tokens``
+for a prompt alone). Per config: the change of the answer's log-likelihood against dense
+(nats per token), KL(dense || config) over the answer positions, and the share of answer
+positions whose top token is still dense's. Paired and continuous, so a few dozen prompts
+separate configs that RULER cannot. The prompts are eval_ruler's (same tasks, lengths and
+seeds).
 
     python benchmarks/answer_shift.py --model /models/qwen05 --haystack PaulGrahamEssays/ \\
         --tasks niah_multikey vt --length 16384 --samples 10 --out shift.json \\
@@ -24,7 +27,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,6 +46,13 @@ ATTENTION = "unisparse_reference"
 _FORWARD: dict[str, Any] = {"config": None, "prompt_len": 0}
 
 
+class Budget(NamedTuple):
+    """One config of ``--configs``: its UniSparse settings and prefill step (None: one step)."""
+
+    config: UniSparseConfig
+    chunk: int | None
+
+
 def unisparse_reference_attention(
     module: Any,
     query: torch.Tensor,
@@ -53,12 +63,13 @@ def unisparse_reference_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """An HF attention function: ``query [1, Hq, n, d]``, ``key``/``value [1, Hkv, n, d]``,
-    post-RoPE; returns ``[1, n, Hq, d]``. Dense calls and decode steps go to SDPA."""
+    """An HF attention function: ``query [1, Hq, n, d]``, ``key``/``value [1, Hkv, C + n, d]``
+    (``C`` cached tokens of earlier chunks), post-RoPE; returns ``[1, n, Hq, d]``. Dense
+    calls (generation included) go to SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     config: UniSparseConfig | None = _FORWARD["config"]
-    if config is None or query.shape[2] != key.shape[2]:
+    if config is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -66,7 +77,7 @@ def unisparse_reference_attention(
         raise ValueError(f"one prompt per forward, got a batch of {query.shape[0]}")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     kv = ContiguousKV(k, v, (0,))
-    batch = PrefillBatch.from_lens([q.shape[0]])
+    batch = PrefillBatch.from_lens([q.shape[0]], [k.shape[0] - q.shape[0]])
     scale = scaling if scaling is not None else 1 / math.sqrt(q.shape[-1])
     budget = config.for_layer(module.layer_idx)
     plan = plan_prefill(
@@ -76,15 +87,30 @@ def unisparse_reference_attention(
 
 
 def answer_log_probs(
-    model: Any, ids: torch.Tensor, prompt_len: int, config: UniSparseConfig | None
+    model: Any, ids: torch.Tensor, prompt_len: int, budget: Budget | None
 ) -> torch.Tensor:
     """Log-probabilities ``[answer tokens, vocab]`` predicting each answer token of ``ids``
-    (prompt then answer), the prompt prefilled under ``config`` (None: dense)."""
-    _FORWARD.update(config=config, prompt_len=prompt_len)
+    (prompt then answer), the prompt prefilled under ``budget`` (None: dense), in steps of
+    ``budget.chunk`` tokens; the answer is teacher-forced in the last step (its rows are
+    past the prompt's dense tail, so they attend densely either way)."""
+    from transformers import DynamicCache
+
+    chunk = budget.chunk if budget and budget.chunk else ids.shape[1]
+    starts = list(range(0, prompt_len, chunk))
+    bounds = list(zip(starts, [*starts[1:], ids.shape[1]], strict=True))
+    answer = ids.shape[1] - prompt_len
+    cache = DynamicCache() if len(bounds) > 1 else None
+    _FORWARD.update(config=budget.config if budget else None, prompt_len=prompt_len)
     try:
         with torch.no_grad():
-            answer = ids.shape[1] - prompt_len
-            logits = model(ids, use_cache=False, logits_to_keep=answer + 1).logits[0, :-1]
+            for start, end in bounds:
+                last = end == ids.shape[1]
+                logits = model(
+                    ids[:, start:end],
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                    logits_to_keep=answer + 1 if last else 1,
+                ).logits[0, :-1]
     finally:
         _FORWARD.update(config=None, prompt_len=0)
     return torch.log_softmax(logits.float(), dim=-1)
@@ -112,7 +138,10 @@ def run(args: argparse.Namespace, configs: list[dict]) -> dict:
     model_type = AutoConfig.from_pretrained(args.model).model_type
     # Every config resolved before the model loads: a bad value costs no load.
     resolved = {
-        c["name"]: resolve_config(c.get("unisparse", {}), model_type=model_type) for c in configs
+        c["name"]: Budget(
+            resolve_config(c.get("unisparse", {}), model_type=model_type), c.get("chunk")
+        )
+        for c in configs
     }
     AttentionInterface.register(ATTENTION, unisparse_reference_attention)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -146,15 +175,15 @@ def run(args: argparse.Namespace, configs: list[dict]) -> dict:
             "prompt_tokens": prompt_len,
             "answer": tokenizer.decode(answer),
         }
-        for name, config in resolved.items():
-            other = answer_log_probs(model, generated, prompt_len, config)
+        for name, budget in resolved.items():
+            other = answer_log_probs(model, generated, prompt_len, budget)
             row[name] = shift(dense, other, answer)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"args": spec, "configs": configs, "rows": rows, "summary": summarize(rows, resolved)}
 
 
-def summarize(rows: list[dict], configs: dict[str, UniSparseConfig]) -> dict[str, dict]:
+def summarize(rows: list[dict], configs: dict[str, Budget]) -> dict[str, dict]:
     """Per config: each metric's mean over prompts and its standard error."""
     summary = {}
     for name in configs:
@@ -180,7 +209,8 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         required=True,
-        help='JSON list of {"name": ..., "unisparse": {...}}; dense is the reference',
+        help='JSON list of {"name": ..., "unisparse": {...}, "chunk": tokens per prefill '
+        "step (default: the whole prompt)}; dense is the reference",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--processes", type=int, default=1, help="for making the prompts")
@@ -194,6 +224,10 @@ def main() -> None:
         isinstance(c, dict) and "name" in c for c in configs
     ):
         parser.error("--configs must be a list of objects, each with a name")
+    for c in configs:
+        chunk = c.get("chunk")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            parser.error(f"config {c['name']!r}: chunk = {chunk!r}: must be a positive integer")
     try:
         result = run(args, configs)
     except ConfigError as err:

@@ -31,6 +31,8 @@ def test_answers_move_only_under_a_sparse_budget(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     configs = [
         {"name": "tau 1", "unisparse": {**TOY, "tau": 1.0}},
+        # chunked prefill: each step attends to the cache of the earlier ones, exactly
+        {"name": "tau 1, chunks of 256", "unisparse": {**TOY, "tau": 1.0}, "chunk": 256},
         {"name": "topk 0.3", "unisparse": {**TOY, "mode": "topk", "density": 0.3}},
     ]
     result = _run(tmp_path, json.dumps(configs))
@@ -38,9 +40,10 @@ def test_answers_move_only_under_a_sparse_budget(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "shift.json").read_text())
     assert len(report["rows"]) == 4 and {r["task"] for r in report["rows"]} == {"niah_single", "vt"}
     for row in report["rows"]:
-        exact = row["tau 1"]  # every block: the reference must equal SDPA's dense answer
-        assert abs(exact["log_likelihood_change"]) < 1e-4 and abs(exact["kl"]) < 1e-5
-        assert exact["top1_kept"] == 1.0
+        for exact in (row["tau 1"], row["tau 1, chunks of 256"]):
+            # every block: the reference must equal SDPA's dense answer
+            assert abs(exact["log_likelihood_change"]) < 1e-4 and abs(exact["kl"]) < 1e-5
+            assert exact["top1_kept"] == 1.0
     sparse = report["summary"]["topk 0.3"]
     assert sparse["kl"]["mean"] > 1e-3 and sparse["top1_kept"]["mean"] < 1.0
     assert "top-1 kept" in result.stdout
@@ -52,6 +55,7 @@ def test_answers_move_only_under_a_sparse_budget(tmp_path: Path) -> None:
         ("[{name: 1}]", "--configs must be JSON"),
         ('{"name": "a"}', "must be a list of objects, each with a name"),
         ('[{"name": "a", "unisparse": {"tau": 1.7}}]', "tau = 1.7"),
+        ('[{"name": "a", "chunk": 0}]', "config 'a': chunk = 0: must be a positive integer"),
     ],
 )
 def test_bad_configs_are_refused_by_name(tmp_path: Path, configs: str, message: str) -> None:
