@@ -119,3 +119,23 @@ def test_last_block_mix_gives_every_row_the_block_the_chunk_end_attends_to() -> 
 
     assert share_selecting_the_needle(0.0) < 0.5
     assert share_selecting_the_needle(0.5) == 1.0
+
+
+def test_the_question_term_mixes_only_the_chunk_that_ends_the_prompt() -> None:
+    """Request 0's chunk is the first part of a longer prompt, request 1's ends its prompt:
+    with the prompt lengths known, request 0's rows are selected as with no mix at all, and
+    request 1's as when it runs alone (where its chunk's end is its prompt's end)."""
+    query, kv, batch = random_batch([320, 640], [0, 128], 4, 2, 16, seed=9)
+    config = CONFIG.model_copy(update={"last_block_mix": 0.5})
+    budget = config.for_layer(0).model_copy(update={"mode": "topk", "density": 0.3})
+    prompt_lens = (1000, batch.seq_lens[1])
+    mixed = plan_prefill(query, kv, batch, config, budget, scale=0.25, prompt_lens=prompt_lens)
+    plain = plan_prefill(query, kv, batch, CONFIG, budget, scale=0.25, prompt_lens=prompt_lens)
+    unknown = plan_prefill(query, kv, batch, config, budget, scale=0.25)
+    first = (mixed.row_request == 0).nonzero().flatten()
+    last = (mixed.row_request == 1).nonzero().flatten()
+    assert torch.equal(mixed.indices[:, first], plain.indices[:, first])
+    # Without the prompt lengths every chunk counts as a prompt's end: request 0 is mixed.
+    assert not torch.equal(unknown.indices[:, first], plain.indices[:, first])
+    assert torch.equal(mixed.indices[:, last], unknown.indices[:, last])
+    assert not torch.equal(mixed.indices[:, last], plain.indices[:, last])

@@ -306,3 +306,18 @@ def test_dense_fallbacks() -> None:
     tail = plan.row_block >= 3  # 300 tokens = key blocks 0..4: the last two are the tail
     assert torch.equal(plan.counts[0][tail], full[tail])
     assert (plan.counts[0][~tail] < full[~tail]).any()
+
+
+def test_every_chunk_of_a_long_prompt_is_sparse_and_only_its_end_is_dense() -> None:
+    """Routing by the prompt's length, not the chunk's: a first chunk shorter than
+    ``min_sparse_tokens`` of a long prompt is estimated, and its last block is not the
+    prompt's dense tail. Without the prompt length it falls back to the chunk (dense)."""
+    query, kv, batch = random_batch([256], [0], 4, 2, 16, seed=10)
+    config = resolve_config({"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 512})
+    budget = config.for_layer(0).model_copy(update={"mode": "topk", "density": 0.3})
+    chunk_only = plan_prefill(query, kv, batch, config, budget, scale=0.25)
+    causal = (chunk_only.row_block + 1)[None].expand_as(chunk_only.counts)
+    assert torch.equal(chunk_only.counts, causal)  # a 256-token "prompt": dense
+    first_chunk = plan_prefill(query, kv, batch, config, budget, scale=0.25, prompt_lens=(1024,))
+    assert (first_chunk.counts[:, -1] < 4).all()  # its last block is sparse, no dense tail
+    assert first_chunk.density() < 1.0

@@ -109,7 +109,8 @@ def test_block_mass_kernel_matches_reference(case) -> None:
 def test_plan_through_the_fused_estimator_matches_the_reference_plan(
     page: int, last_block_mix: float
 ) -> None:
-    """Also with the last-block term, which wraps the fused estimate on the GPU."""
+    """Also with the last-block term, which wraps the fused estimate on the GPU; request 0's
+    chunk is the start of a longer prompt (so only request 1's rows are mixed)."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     query, kv, batch = random_batch(
         [260 * SCALE, 130 * SCALE], [0, 70 * SCALE], 4, 2, 32, dtype=torch.float32, seed=seed
@@ -122,8 +123,12 @@ def test_plan_through_the_fused_estimator_matches_the_reference_plan(
     config = resolve_config(
         {"block_size": 64, "tau": 0.7, "min_sparse_tokens": 0, "last_block_mix": last_block_mix}
     )
-    fused = kernels.plan_prefill(query, paged, batch, config, config.for_layer(0), scale=0.2)
-    reference = plan_prefill(query, paged, batch, config, config.for_layer(0), scale=0.2)
+    prompts = (batch.seq_lens[0] + 500, batch.seq_lens[1])
+    budget = config.for_layer(0)
+    fused, reference = (
+        plan(query, paged, batch, config, budget, scale=0.2, prompt_lens=prompts)
+        for plan in (kernels.plan_prefill, plan_prefill)
+    )
     width = max(num_key_blocks(s, 64) for s in batch.seq_lens)
     masks = [
         (fused.block_mask(r, width), reference.block_mask(r, width))

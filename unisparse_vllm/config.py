@@ -116,7 +116,10 @@ class UniSparseConfig(LayerBudget):
         None, ge=1, description="Query heads pooled per selection (None: the whole GQA group)."
     )
     min_sparse_tokens: int = Field(
-        8192, ge=0, description="Requests shorter than this (context + chunk) stay dense."
+        8192,
+        ge=0,
+        description="Prompts shorter than this stay dense; every chunk of a longer prompt is "
+        "sparse (where the prompt's length is unknown, a chunk's context + length counts).",
     )
     dense_layers: list[int] = Field(
         default_factory=list,
@@ -143,9 +146,10 @@ class UniSparseConfig(LayerBudget):
         ge=0.0,
         le=1.0,
         description="Weight of the query-aware term in every row's block mass: the attention "
-        "of the chunk's last query block per key block (the last_block estimator's), so rows "
-        "also rank the blocks the chunk's end attends to (where a prompt ends with its "
-        "question, what it asks for). Computed in PyTorch, also on the GPU.",
+        "of the prompt's last query block per key block (the last_block estimator's), so rows "
+        "also rank the blocks the prompt's end attends to (where a prompt ends with its "
+        "question, what it asks for). Only the chunk that holds the prompt's end is mixed. "
+        "Computed in PyTorch, also on the GPU.",
     )
     dense_above_density: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] | None = Field(
         None,

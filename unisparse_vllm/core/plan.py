@@ -194,14 +194,15 @@ def step_rows(
     into the tensors.
 
     Dense rows (ALGORITHM.md sections 5-6): every row of a decode (one query token) or of a
-    request shorter than ``min_sparse_tokens``, and the last ``dense_tail_blocks`` query
+    prompt shorter than ``min_sparse_tokens`` (``prompt_ends[r]``: so every chunk of a long
+    prompt is sparse, however the scheduler cut it), and the last ``dense_tail_blocks`` query
     blocks before ``prompt_ends[r]``."""
     row_request, row_block = request_rows(batch, block_size)
     estimated, dense = [], []
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
         tail_start = num_key_blocks(prompt_ends[r], block_size) - dense_tail_blocks
         # A single query token is a decode step: it stays dense (spec section 5).
-        request_dense = n == 1 or c + n < min_sparse_tokens
+        request_dense = n == 1 or prompt_ends[r] < min_sparse_tokens
         estimated.append(not request_dense)
         dense += [request_dense or i >= tail_start for i in query_block_range(c, n, block_size)]
     return StepRows(
@@ -212,18 +213,46 @@ def step_rows(
     )
 
 
-def with_last_block(estimator: BatchMassEstimator, weight: float) -> BatchMassEstimator:
+@functools.lru_cache(maxsize=16)
+def _row_weights(
+    batch: PrefillBatch, block_size: int, weights: tuple[float, ...], device: torch.device
+) -> Tensor:
+    """``weights[r]`` for every row of request ``r``, as a ``[1, rows, 1]`` tensor."""
+    per_row = [
+        weights[r]
+        for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True))
+        for _ in query_block_range(c, n, block_size)
+    ]
+    return torch.tensor(per_row, device=device, dtype=torch.float32)[None, :, None]
+
+
+def with_last_block(
+    estimator: BatchMassEstimator, weight: float, sees_question: Sequence[bool]
+) -> BatchMassEstimator:
     """``estimator`` mixed with the last-block estimate: ``(1 - weight) M + weight L``, ``L``
     every row's share of the chunk's last query block's exact attention per key block,
     renormalised over the row's causal blocks. Both rows sum to 1, so the mix does too. Why:
     on RULER's multi-key prompts a needle row attends little to the earlier needles, so a
     row's own mass drops them, while the question at the prompt's end attends to every one
-    of them (benchmarks/RESULTS.md section 3, "Answers under sparse prefill")."""
+    of them (benchmarks/RESULTS.md section 3, "Answers under sparse prefill").
+
+    Only requests whose chunk holds the prompt's end (``sees_question[r]``) are mixed: an
+    earlier chunk's last block is more prompt, not the question, and mixing its attention
+    into every row moved answers more than no mix at all (RESULTS.md section 3, "The
+    question's blocks under chunked prefill")."""
     from .baselines import last_block_block_mass  # the peers' rules build on this module
 
-    def mixed(*args: Any, **kwargs: Any) -> Tensor:
-        own, question = estimator(*args, **kwargs), last_block_block_mass(*args, **kwargs)
-        return (1.0 - weight) * own + weight * question
+    def mixed(
+        query: Tensor, kv: KVSource, batch: PrefillBatch, estimated: Sequence[bool], **kwargs: Any
+    ) -> Tensor:
+        own = estimator(query, kv, batch, estimated, **kwargs)
+        asked = [e and s for e, s in zip(estimated, sees_question, strict=True)]
+        if not any(asked):
+            return own
+        question = last_block_block_mass(query, kv, batch, asked, **kwargs)
+        weights = tuple(weight if a else 0.0 for a in asked)
+        block_size = kwargs["config"].block_size
+        return own + _row_weights(batch, block_size, weights, own.device) * (question - own)
 
     return mixed
 
@@ -244,16 +273,21 @@ def plan_prefill(
     with the last-block term when ``config.last_block_mix``) and select blocks
     (``selector``) for a whole prefill batch.
 
-    Dense rows: those of ``step_rows`` (decodes, short requests, the last
-    ``dense_tail_blocks`` query blocks before ``prompt_lens[r]``; default: the chunk's end,
-    the prompt end if unknown), and every row of a dense layer.
+    ``prompt_lens[r]`` is request ``r``'s prompt length where the caller knows it (vLLM's
+    attention metadata does not carry it; ``backend.compat.prompt_lengths`` reads it from
+    the model runner); default: the chunk's end, as if every chunk ended its prompt.
+    Dense rows: those of ``step_rows`` (decodes, short prompts, the last
+    ``dense_tail_blocks`` query blocks before the prompt's end), and every row of a dense
+    layer.
     """
+    prompt_ends = prompt_lens or batch.seq_lens
     if estimator is None:
         from .baselines import ESTIMATORS  # the peers' rules build on this module
 
         estimator = ESTIMATORS[config.estimator]
     if config.last_block_mix:
-        estimator = with_last_block(estimator, config.last_block_mix)
+        sees_question = [s >= p for s, p in zip(batch.seq_lens, prompt_ends, strict=True)]
+        estimator = with_last_block(estimator, config.last_block_mix, sees_question)
     block_size = config.block_size
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
     rows = step_rows(
@@ -261,7 +295,7 @@ def plan_prefill(
         block_size,
         config.min_sparse_tokens,
         config.dense_tail_blocks,
-        prompt_lens or batch.seq_lens,
+        prompt_ends,
         query.device,
     )
     estimated = [e and not budget.dense for e in rows.estimated]
