@@ -29,6 +29,33 @@ def test_prefill_work_after_decodes() -> None:
     assert prefill_work(query_start, seq_lens, block_table, 4, 10) is None
 
 
+def test_prefill_work_routes_by_the_prompt_length_the_runner_tells(monkeypatch) -> None:
+    """The same step as above, with the model runner's input batch noted: the 5-token chunk
+    over 11 cached tokens is the start of a 40-token prompt (long), the fresh 7 of a 7-token
+    one. Rows that do not match the step's (computed + chunk != sequence) are not trusted."""
+    import numpy as np
+
+    from unisparse_vllm.backend import compat
+
+    class Runner:  # the two arrays of vLLM's InputBatch that compat reads, in batch order
+        class input_batch:
+            num_prompt_tokens = np.array([20, 8, 40, 7])
+            num_computed_tokens_cpu = np.array([29, 8, 11, 0])
+
+    runner = Runner()
+    monkeypatch.setattr(compat, "_runner", lambda: runner)
+    query_start = torch.tensor([0, 1, 2, 7, 14])
+    seq_lens = torch.tensor([30, 9, 16, 7])
+    work = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 10)
+    assert work is not None and work.prompts == (40, 7)
+    assert work.long_requests == 1 and work.long_prefill_tokens == 5
+    no_tail = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
+    assert no_tail is not None and no_tail.long_requests == 1  # 40 >= 30; the chunk's 16 is not
+    Runner.input_batch.num_computed_tokens_cpu = np.array([29, 8, 10, 0])  # another step's rows
+    stale = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
+    assert stale is not None and stale.prompts is None and stale.long_requests == 0
+
+
 def test_all_decodes_and_all_prefills() -> None:
     assert count_leading_decodes(torch.tensor([0, 1, 2, 3])) == 3
     assert count_leading_decodes(torch.tensor([0, 4, 5])) == 0

@@ -100,6 +100,19 @@ def test_sparse_path_runs_and_stays_close(
         assert abs(sparse_lp[token] - logprob) < 0.5
 
 
+def test_every_chunk_of_a_long_prompt_runs_sparse(tiny_model: Path) -> None:
+    """The long prompt alone, prefilled in 64-token steps, min_sparse_tokens 256: its first
+    chunks end below 256 tokens, yet they run sparse, because the backend reads the prompt's
+    length from the model runner (vLLM's attention metadata has only the tokens so far)."""
+    sparse = offline(
+        tiny_model, "unisparse", {**SPARSE_ON, "min_sparse_tokens": 256}, "--prompts", "3"
+    )
+    (prompt_tokens,) = sparse["prompt_tokens"]
+    assert prompt_tokens > 4 * 64
+    for layer in sparse["stats"].values():
+        assert layer["sparse_prefill_tokens"] == prompt_tokens
+
+
 def test_multiprocess_engine_survives_the_enum_pickling(
     tiny_model: Path, dense_reference: dict
 ) -> None:

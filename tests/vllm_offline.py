@@ -1,6 +1,7 @@
 """Run offline generation in a fresh process and print JSON: what the vLLM tests compare.
 
-python vllm_offline.py MODEL BACKEND '{"unisparse": {...}}' [--multiprocess] [--tp N]
+python vllm_offline.py MODEL BACKEND '{"unisparse": {...}}' [--multiprocess] [--tp N] \
+    [--prompts I ...]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("additional_config", nargs="?", default="{}")
     parser.add_argument("--multiprocess", action="store_true")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--prompts", type=int, nargs="+", help="indices into prompts() (all)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocess else "0"
@@ -47,9 +49,11 @@ def main() -> None:
         seed=0,
     )
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=5)
-    outputs = llm.generate(prompts(), params)
+    chosen = [prompts()[i] for i in args.prompts] if args.prompts else prompts()
+    outputs = llm.generate(chosen, params)
     result = {
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
         "first_logprobs": [
             {str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outputs
         ],

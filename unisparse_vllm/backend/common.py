@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import core, kernels
 from ..config import LayerBudget, UniSparseConfig, config_from_vllm
 from ..core import BlockPlan, PagedKV, PrefillBatch
+from . import compat
 from .compat import split_kv_cache
 from .stats import STATS
 
@@ -36,7 +37,10 @@ class PrefillWork:
     first_token: int
     batch: PrefillBatch
     block_table: Tensor
-    long_requests: int  # requests of at least min_sparse_tokens (those that get estimated)
+    # Each request's prompt length where the model runner told it; None: each chunk's end
+    # stands for its prompt's end (compat.prompt_lengths).
+    prompts: tuple[int, ...] | None
+    long_requests: int  # prompts of at least min_sparse_tokens (those that get estimated)
     # Prefill tokens (decodes excluded: the CPU backend's batches hold them too), and those
     # of long requests: what the counters report per layer as the sparse path's tokens.
     prefill_tokens: int
@@ -63,7 +67,8 @@ def prefill_work(
     first_request: int,
     min_sparse_tokens: int,
 ) -> PrefillWork | None:
-    """Requests ``first_request ..`` as a ``PrefillBatch``; None when there are none."""
+    """Requests ``first_request ..`` as a ``PrefillBatch``; None when there are none. Their
+    prompt lengths come from the model runner where it tells them (``compat``)."""
     starts = query_start_loc_cpu.tolist()
     seq_lens = seq_lens_cpu.tolist()[first_request:]
     num_requests = len(seq_lens)
@@ -72,16 +77,19 @@ def prefill_work(
     ]
     if not query_lens:
         return None
+    prompt_lens = compat.prompt_lengths(first_request, query_lens, seq_lens)
+    ends = prompt_lens or seq_lens  # what min_sparse_tokens compares: the prompt, or the chunk
     context_lens = [s - n for s, n in zip(seq_lens, query_lens, strict=True)]
-    prefills = [(n, s) for n, s in zip(query_lens, seq_lens, strict=True) if n > 1]
+    prefills = [(n, e) for n, e in zip(query_lens, ends, strict=True) if n > 1]
     return PrefillWork(
         first_request=first_request,
         first_token=starts[first_request],
         batch=PrefillBatch.from_lens(query_lens, context_lens),
         block_table=block_table[first_request : first_request + num_requests],
-        long_requests=sum(s >= min_sparse_tokens for s in seq_lens),
+        prompts=prompt_lens,
+        long_requests=sum(e >= min_sparse_tokens for e in ends),
         prefill_tokens=sum(n for n, _ in prefills),
-        long_prefill_tokens=sum(n for n, s in prefills if s >= min_sparse_tokens),
+        long_prefill_tokens=sum(n for n, e in prefills if e >= min_sparse_tokens),
     )
 
 
@@ -216,7 +224,9 @@ class SparsePrefillLayer:
         selected: int | Tensor = 0
         causal = 0
         try:
-            plan = kernels.plan_prefill(q, kv, work.batch, self.config, budget, scale=self.scale)
+            plan = kernels.plan_prefill(
+                q, kv, work.batch, self.config, budget, scale=self.scale, prompt_lens=work.prompts
+            )
             # The selected count stays on the device (counters add it there): reading it would
             # make the host wait for the GPU at every layer. Only a density check reads it.
             selected = plan.selected_blocks()

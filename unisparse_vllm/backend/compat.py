@@ -4,10 +4,15 @@
 - adding a member to ``AttentionBackendEnum``: 0.32 has ``register``; 0.26 does not;
 - the KV cache spec: 0.26 asks backends for ``get_kv_cache_shape``; 0.32 hands each layer a
   logical ``[num_blocks, Hkv, page, 2*d]`` view. Both give that same logical view to the impl.
+Alike in both, and read here only: the model runner's input batch (each request's prompt
+length, which attention metadata does not carry).
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 SUPPORTED = ((0, 26), (0, 32))  # inclusive range of (major, minor)
@@ -56,3 +61,54 @@ def split_kv_cache(kv_cache: Any, head_size: int) -> tuple[Any, Any]:
     ``[num_pages, page, Hkv, d]`` (what ``core.PagedKV`` and the kernels read)."""
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key_cache, value_cache
+
+
+def _no_runner() -> Any:
+    return None
+
+
+_runner: Callable[[], Any] = _no_runner  # the model runner building this step's metadata
+
+
+def track_prompt_lengths() -> None:
+    """Let metadata builders read each request's prompt length (``prompt_lengths``).
+
+    vLLM's attention metadata carries the tokens so far, not the prompt's length; the model
+    runner's input batch has it (``num_prompt_tokens``, in batch order), in 0.26 and 0.32.
+    Wraps the runner's ``_build_attention_metadata``, which calls the builders, to note the
+    runner. Call from a builder's ``__init__``: the runner's module is loaded by then, and a
+    process that never builds UNISPARSE metadata is left untouched. Idempotent."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # CPUModelRunner inherits it
+
+    original = GPUModelRunner._build_attention_metadata
+    if getattr(original, "_unisparse_tracked", False):
+        return
+
+    @functools.wraps(original)
+    def _build_attention_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
+        global _runner
+        _runner = weakref.ref(self)
+        return original(self, *args, **kwargs)
+
+    _build_attention_metadata._unisparse_tracked = True  # type: ignore[attr-defined]
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata  # type: ignore[method-assign]
+
+
+def prompt_lengths(
+    first_request: int, query_lens: Sequence[int], seq_lens: Sequence[int]
+) -> tuple[int, ...] | None:
+    """The prompt length of requests ``first_request ..`` of the step being built, or None:
+    no runner noted, or its rows are not these requests (its computed tokens + this step's
+    != their sequence lengths). Callers then take each chunk's end for its prompt's end."""
+    batch = getattr(_runner(), "input_batch", None)
+    if batch is None:
+        return None
+    rows = slice(first_request, first_request + len(seq_lens))
+    try:
+        prompts = batch.num_prompt_tokens[rows].tolist()
+        computed = batch.num_computed_tokens_cpu[rows].tolist()
+    except AttributeError:
+        return None
+    if [c + n for c, n in zip(computed, query_lens, strict=False)] != list(seq_lens):
+        return None
+    return tuple(int(p) for p in prompts)

@@ -66,6 +66,7 @@ class UniSparseCPUMetadataBuilder(AttentionMetadataBuilder[UniSparseCPUMetadata]
         from .common import engine_config
 
         self.min_sparse_tokens = engine_config().min_sparse_tokens
+        compat.track_prompt_lengths()
 
     def build(
         self,
