@@ -6,7 +6,8 @@
 #
 # JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
-# convert (waits for the Qwen2.5-Coder-0.5B GGUF parts in /tmp/gguf, makes /tmp/qwen05),
+# convert (waits for the Qwen2.5-Coder-0.5B GGUF's GGUF_PARTS parts, default 10, in /tmp/gguf
+# (benchmarks/device_transfer.sh carries them), makes /tmp/qwen05),
 # ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B, real weights, essay prompts, with the shipped
 # calibrated profile and the question-aware term too: where the host's work per layer shows;
 # TTFT_CHUNK tokens a step, default 16384; needs /tmp/data/essays),
@@ -30,7 +31,7 @@ set -u
 export PYTHONPATH=/tmp/vllm-site:/tmp/gguf-site VLLM_USE_FLASHINFER_SAMPLER=0
 export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=/tmp/vllm-site/bin:$PATH
 RESULTS=/tmp/results LOGS=/tmp/logs
-GGUF_PARTS=${GGUF_PARTS:-9}
+GGUF_PARTS=${GGUF_PARTS:-10}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
