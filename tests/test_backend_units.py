@@ -442,3 +442,40 @@ def test_kernels_are_warmed_up_once_per_shape_and_a_failure_only_logs(monkeypatc
         logger.removeHandler(caplog.handler)
     assert "compiling the sparse prefill kernels at start-up failed" in caplog.text
     assert "out of resources" in caplog.text
+
+
+def test_the_question_term_warns_once_when_prompts_may_be_chunked(monkeypatch, caplog) -> None:
+    from types import SimpleNamespace
+
+    from unisparse_vllm.backend import common
+    from unisparse_vllm.config import resolve_config
+
+    def engine(step: int, longest: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            scheduler_config=SimpleNamespace(max_num_batched_tokens=step),
+            model_config=SimpleNamespace(max_model_len=longest),
+        )
+
+    mixed, plain = resolve_config({"last_block_mix": 0.5}), resolve_config({})
+    logger = logging.getLogger("vllm.unisparse")  # vLLM's logger may not propagate to root
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="vllm.unisparse")
+    try:
+        for config, vllm_config in (
+            (plain, engine(16384, 32768)),  # no term
+            (mixed, engine(32768, 32768)),  # every prompt in one step
+        ):
+            monkeypatch.setattr(common, "_NOTED_CHUNKING", [])
+            common.note_question_term_chunking(config, vllm_config)
+        assert not caplog.records
+        monkeypatch.setattr(common, "_NOTED_CHUNKING", [])
+        for _ in range(3):  # one builder per KV-cache group: said once
+            common.note_question_term_chunking(mixed, engine(16384, 32768))
+    finally:
+        logger.removeHandler(caplog.handler)
+    # One record, whether it reached caplog through root too or not (vLLM may stop
+    # propagation).
+    messages = [r.getMessage() for r in {id(r): r for r in caplog.records}.values()]
+    assert len(messages) == 1, messages
+    assert "last_block_mix = 0.5" in messages[0]
+    assert "max_num_batched_tokens = 16384 (max_model_len = 32768)" in messages[0]

@@ -114,6 +114,27 @@ def engine_config() -> UniSparseConfig:
     )
 
 
+def note_question_term_chunking(config: UniSparseConfig, vllm_config: Any) -> None:
+    """``last_block_mix`` mixes the question's blocks into the chunk that ends a prompt
+    only; say so once at start-up when a prompt may take several steps (a warning: the term
+    was measured with the whole prompt in one step). Call from a builder's ``__init__``."""
+    step = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
+    longest = vllm_config.model_config.max_model_len
+    if not config.last_block_mix or step is None or step >= longest or _NOTED_CHUNKING:
+        return
+    _NOTED_CHUNKING.append((step, longest))
+    logger.warning(
+        "UniSparse: last_block_mix = %s mixes the question's blocks into the last chunk of a "
+        "prompt only, and prompts longer than max_num_batched_tokens = %d (max_model_len = "
+        "%d) are prefilled in several chunks; set --max-num-batched-tokens to the longest "
+        "prompt served to give every row the term (benchmarks/RESULTS.md section 3)",
+        config.last_block_mix,
+        step,
+        longest,
+    )
+
+
+_NOTED_CHUNKING: list[tuple[int, int]] = []  # the warning above, once per process
 _WARMED_UP: set[tuple] = set()  # warm-up keys already compiled in this process
 
 
