@@ -63,7 +63,9 @@ def fallback_share(stats: dict[str, dict]) -> float:
     return dense / (sparse + dense) if sparse + dense else 0.0
 
 
-def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, list[dict]]:
+def combine(
+    runs: list[dict], lengths: list[int] | None = None, first_samples: int | None = None
+) -> dict[str, list[dict]]:
     """Several runs' records (``results.json`` contents) as one run: per config, its records
     from every run that has it, in the order given, and per length one stats record with the
     counters summed, so the density is over all prompts. Sample i of a run uses seed + i, so
@@ -71,7 +73,10 @@ def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, lis
     run; give the files in seed order). ``lengths`` (default: the reference's) keeps only
     those, so that configs run at fewer lengths can join. The first config is the reference; a
     config whose prompts, task by task, are not the reference's (the interval and the
-    same-answer share pair them) is left out, printed with why."""
+    same-answer share pair them) is left out, printed with why. ``first_samples`` keeps the
+    first N samples per task and length of every config, so that a config cut short (its
+    ``partial.json``: complete rounds of samples) pairs with the others' first N (its
+    density stays over every prompt it answered)."""
     results: dict[str, list[dict]] = {}
     stats: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
@@ -87,8 +92,17 @@ def combine(runs: list[dict], lengths: list[int] | None = None) -> dict[str, lis
     groups: dict[tuple[int, str], int] = {}
     for r in results[reference]:
         groups.setdefault((r["length"], r["task"]), len(groups))
-    for records in results.values():
+    for name, records in results.items():
         records.sort(key=lambda r: groups.get((r["length"], r["task"]), len(groups)))
+        if first_samples is not None:
+            taken: dict[tuple[int, str], int] = {}
+            kept = []
+            for r in records:
+                key = (r["length"], r["task"])
+                taken[key] = taken.get(key, 0) + 1
+                if taken[key] <= first_samples:
+                    kept.append(r)
+            results[name] = kept
     for (name, length), parts in stats.items():
         results[name].append(_summed_stats(length, parts))
     lengths = sorted(lengths or {r["length"] for r in results[reference]})
@@ -190,10 +204,32 @@ def make_prompts(spec: dict, processes: int) -> dict[str, list[dict]]:
     }
 
 
+def rounds(num_prompts: int, samples: int, per_round: int) -> list[list[int]]:
+    """Indices into one length's prompts (task by task, ``samples`` each: ``make_prompts``'s
+    order) in rounds of ``per_round`` samples of every task (0: one round). After round
+    ``k`` every task has its first ``(k + 1) * per_round`` samples, so what a run cut short
+    answered is a run of fewer samples (sample i uses seed + i)."""
+    per_round = per_round or samples
+    return [
+        [i for i in range(num_prompts) if start <= i % samples < start + per_round]
+        for start in range(0, samples, per_round)
+    ]
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Whole or not at all: a checkpoint read while an engine writes it must be valid."""
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(data))
+    partial.replace(path)
+
+
 def worker(spec: dict) -> list[dict]:
     """Answer ``spec``'s prompts (``make_prompts``, read from ``spec["prompts_file"]``) with
     one engine; returns one record per prompt, and per length one ``stats`` record (UNISPARSE
-    counters over that length's prompts)."""
+    counters over that length's prompts). Prompts go in ``rounds`` of
+    ``spec["checkpoint_samples"]`` samples per task; after each, everything answered so far
+    is written to ``spec["checkpoint_file"]`` as a ``results.json`` of this config alone,
+    which ``--combine --first-samples`` reads when the run did not finish."""
     from vllm import LLM, SamplingParams
 
     prompts = json.loads(Path(spec["prompts_file"]).read_text())
@@ -213,31 +249,46 @@ def worker(spec: dict) -> list[dict]:
     records: list[dict] = []
     for length in spec["lengths"]:
         samples = prompts[str(length)]
-        params = [
-            SamplingParams(temperature=0, max_tokens=MAX_TOKENS.get(s["task"], DEFAULT_MAX_TOKENS))
-            for s in samples
-        ]
         if sparse:
             STATS.reset()
-        outputs = llm.generate([s["prompt"] for s in samples], params)
-        for sample, out in zip(samples, outputs, strict=True):
-            text = out.outputs[0].text
-            records.append(
-                {
-                    "task": sample["task"],
+        answered: dict[int, dict] = {}
+        num_tasks = len(samples) // spec["samples"]
+        for indices in rounds(len(samples), spec["samples"], spec.get("checkpoint_samples", 0)):
+            params = [
+                SamplingParams(
+                    temperature=0,
+                    max_tokens=MAX_TOKENS.get(samples[i]["task"], DEFAULT_MAX_TOKENS),
+                )
+                for i in indices
+            ]
+            outputs = llm.generate([samples[i]["prompt"] for i in indices], params)
+            for i, out in zip(indices, outputs, strict=True):
+                text = out.outputs[0].text
+                answered[i] = {
+                    "task": samples[i]["task"],
                     "length": length,
                     "prompt_tokens": len(out.prompt_token_ids),
-                    "score": score(sample["task"], text, sample["references"]),
+                    "score": score(samples[i]["task"], text, samples[i]["references"]),
                     "prediction": text[:200],
-                    "references": sample["references"],
+                    "references": samples[i]["references"],
                 }
-            )
-        if sparse and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
-            stats = STATS.snapshot()
-            density = compute_density(stats, num_layers)
-            records.append(
-                {"length": length, "stats": stats, "density": density, "num_layers": num_layers}
-            )
+            so_far = [answered[i] for i in sorted(answered)]  # task by task, as made
+            if sparse and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+                stats = STATS.snapshot()
+                density = compute_density(stats, num_layers)
+                so_far.append(
+                    {"length": length, "stats": stats, "density": density, "num_layers": num_layers}
+                )
+            if spec.get("checkpoint_file"):
+                progress = {
+                    "answered_length": length,
+                    "answered_samples": len(answered) // num_tasks,
+                }
+                _write_json(
+                    Path(spec["checkpoint_file"]),
+                    {"args": {**spec, **progress}, "records": {spec["name"]: records + so_far}},
+                )
+        records += so_far
     return records
 
 
@@ -263,7 +314,11 @@ def run_configs(
         wave = list(enumerate(specs[start : start + parallel], start))
         procs = []
         for n, spec in wave:
-            spec = {**spec, "result_file": str(work_dir / f"{n}.json")}
+            spec = {
+                **spec,
+                "result_file": str(work_dir / f"{n}.json"),
+                "checkpoint_file": str(work_dir / f"{n}.partial.json"),
+            }
             gpu_env = {"CUDA_VISIBLE_DEVICES": str(n % gpus)} if gpus > 1 else {}
             with open(work_dir / f"{n}.log", "w") as log:
                 procs.append(
@@ -282,6 +337,12 @@ def run_configs(
                     f"config {spec['name']!r} failed (exit {proc.returncode}):\n{log_tail}",
                     file=sys.stderr,
                 )
+                if (work_dir / f"{n}.partial.json").is_file():
+                    print(
+                        f"what it answered is in {work_dir / f'{n}.partial.json'} "
+                        "(--combine ... --first-samples N)",
+                        file=sys.stderr,
+                    )
                 continue
             results[spec["name"]] = json.loads(result.read_text())
     return results
@@ -444,7 +505,7 @@ def main() -> None:
     args, configs, engine_args = parse_args()
     if args.combine:
         runs = [json.loads(path.read_text()) for path in args.combine]
-        results = combine(runs, args.lengths)
+        results = combine(runs, args.lengths, args.first_samples)
         reference = next(iter(results.values()))
         tasks = list(dict.fromkeys(r["task"] for r in reference if "task" in r))
         lengths = sorted({r["length"] for r in reference})
@@ -468,6 +529,7 @@ def main() -> None:
         "lengths": args.lengths,
         "samples": args.samples,
         "seed": args.seed,
+        "checkpoint_samples": args.checkpoint_samples,
         "engine_args": engine_args,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -533,6 +595,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the parallel configs share")
     parser.add_argument("--out-dir", type=Path, required=False)
     parser.add_argument(
+        "--checkpoint-samples",
+        type=int,
+        default=10,
+        help="answer in rounds of this many samples per task, each engine writing what it "
+        "answered after every round (configs/N.partial.json; 0: one round)",
+    )
+    parser.add_argument(
+        "--first-samples",
+        type=int,
+        metavar="N",
+        help="--combine: keep the first N samples per task and length of every config (runs "
+        "cut short: their partial.json files hold complete rounds)",
+    )
+    parser.add_argument(
         "--combine",
         type=Path,
         nargs="+",
@@ -559,6 +635,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     qa_tasks = [t for t in args.tasks if t in QA_FILES]
     if qa_tasks and not args.qa_data:
         parser.error(f"--qa-data is required for {', '.join(qa_tasks)}")
+    if args.samples < 1:
+        parser.error(f"--samples must be >= 1, got {args.samples}")
+    if args.checkpoint_samples < 0:
+        parser.error(f"--checkpoint-samples must be >= 0, got {args.checkpoint_samples}")
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
     if args.gpus < 1:

@@ -270,6 +270,37 @@ def test_runs_combine_into_one_with_more_samples() -> None:
     assert list(combine([first, second])) == ["dense"]
 
 
+def test_rounds_give_every_task_its_first_samples_and_a_cut_run_combines() -> None:
+    from eval_ruler import combine, rounds
+
+    # two tasks of three samples (task by task: 0-2, 3-5), one sample of each per round
+    assert rounds(6, 3, 1) == [[0, 3], [1, 4], [2, 5]]
+    assert rounds(6, 3, 2) == [[0, 1, 3, 4], [2, 5]]
+    assert rounds(6, 3, 0) == rounds(6, 3, 10) == [[0, 1, 2, 3, 4, 5]]
+
+    def records(tokens: list[int]) -> list[dict]:
+        rows = [("vt", t) for t in tokens] + [("cwe", t + 100) for t in tokens]
+        return [
+            {
+                "task": task,
+                "length": 64,
+                "score": 1.0,
+                "prediction": "a",
+                "prompt_tokens": t,
+                "references": ["1"],
+            }
+            for task, t in rows
+        ]
+
+    whole = {"records": {"dense": records([1, 2, 3]), "sparse": records([1, 2, 3])}}
+    cut = {"records": {"cut short": records([1, 2])}}  # a partial.json: 2 rounds of 1
+    assert list(combine([whole, cut])) == ["dense", "sparse"]  # 2 prompts of 3 do not pair
+    paired = combine([whole, cut], first_samples=2)
+    assert list(paired) == ["dense", "sparse", "cut short"]
+    assert [r["prompt_tokens"] for r in paired["dense"]] == [1, 2, 101, 102]
+    assert len(whole["records"]["dense"]) == 6  # the runs themselves are not cut
+
+
 def test_prompts_are_made_once_in_parallel_in_generation_order(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     import eval_ruler
@@ -331,6 +362,8 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
             "--lengths",
             "512",
             "--samples",
+            "2",
+            "--checkpoint-samples",
             "1",
             "--tasks",
             "niah_single",
@@ -367,6 +400,19 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
     assert report["table"]["dense"]["512"]["density"] == 1.0
     assert {r["task"] for r in report["records"]["dense"]} == {"niah_single", "vt", "qa_squad"}
     assert "average" in result.stdout
+    # Answered in two rounds of one sample per task; the checkpoint after the second holds
+    # what the run reports, task by task, as a results.json of the config alone.
+    checkpoint = json.loads((tmp_path / "out" / "configs" / "1.partial.json").read_text())
+    assert checkpoint["args"]["answered_samples"] == 2
+    assert checkpoint["records"] == {"unisparse": report["records"]["unisparse"]}
+    assert [r["task"] for r in report["records"]["dense"]] == [
+        "niah_single",
+        "niah_single",
+        "vt",
+        "vt",
+        "qa_squad",
+        "qa_squad",
+    ]
 
 
 def test_parallel_configs_are_spread_over_the_gpus(tmp_path: Path, monkeypatch) -> None:
