@@ -9,10 +9,10 @@ prefilled through ``core.plan_prefill`` and ``core.sparse_attention`` (its last
 does; a config's ``chunk`` prefills the prompt in steps of that many tokens, each attending
 to the cache of the earlier ones, as vLLM's chunked prefill does (``max_num_batched_tokens``
 for a prompt alone). Per config: the change of the answer's log-likelihood against dense
-(nats per token), KL(dense || config) over the answer positions, and the share of answer
-positions whose top token is still dense's. Paired and continuous, so a few dozen prompts
-separate configs that RULER cannot. The prompts are eval_ruler's (same tasks, lengths and
-seeds).
+(nats per token), KL(dense || config) over the answer positions, the share of answer
+positions whose top token is still dense's, and the selected density over the prompt's
+rows. Paired and continuous, so a few dozen prompts separate configs that RULER cannot. The
+prompts are eval_ruler's (same tasks, lengths and seeds).
 
     python benchmarks/answer_shift.py --model /models/qwen05 --haystack PaulGrahamEssays/ \\
         --tasks niah_multikey vt --length 16384 --samples 10 --out shift.json \\
@@ -42,8 +42,9 @@ from unisparse_vllm.core import ContiguousKV, PrefillBatch, plan_prefill, sparse
 
 ATTENTION = "unisparse_reference"
 # The config the next forward prefills with (None: dense) and its prompt length: the
-# attention function below reads them, as HF passes it nothing of ours.
-_FORWARD: dict[str, Any] = {"config": None, "prompt_len": 0}
+# attention function below reads them, as HF passes it nothing of ours. It adds up each
+# layer's selected and causal blocks over the prompt's rows in ``blocks``.
+_FORWARD: dict[str, Any] = {"config": None, "prompt_len": 0, "blocks": {}}
 
 
 class Budget(NamedTuple):
@@ -83,6 +84,10 @@ def unisparse_reference_attention(
     plan = plan_prefill(
         q, kv, batch, config, budget, scale=scale, prompt_lens=(_FORWARD["prompt_len"],)
     )
+    prompt_rows = plan.row_block < -(-_FORWARD["prompt_len"] // config.block_size)
+    totals = _FORWARD["blocks"].setdefault(module.layer_idx, [0, 0])
+    totals[0] += int(plan.counts[:, prompt_rows].sum())
+    totals[1] += int((plan.row_block[prompt_rows] + 1).sum()) * plan.counts.shape[0]
     return sparse_attention(q, kv, batch, plan, scale)[None], None
 
 
@@ -100,7 +105,7 @@ def answer_log_probs(
     bounds = list(zip(starts, [*starts[1:], ids.shape[1]], strict=True))
     answer = ids.shape[1] - prompt_len
     cache = DynamicCache() if len(bounds) > 1 else None
-    _FORWARD.update(config=budget.config if budget else None, prompt_len=prompt_len)
+    _FORWARD.update(config=budget.config if budget else None, prompt_len=prompt_len, blocks={})
     try:
         with torch.no_grad():
             for start, end in bounds:
@@ -116,7 +121,14 @@ def answer_log_probs(
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-METRICS = ("log_likelihood_change", "kl", "top1_kept")
+METRICS = ("log_likelihood_change", "kl", "top1_kept", "density")
+
+
+def prefill_density() -> float:
+    """The last sparse prefill's selected share of causal blocks over the prompt's rows, the
+    mean over layers (a dense layer counts 1, as in eval_ruler)."""
+    layers = _FORWARD["blocks"].values()
+    return statistics.mean(selected / causal for selected, causal in layers)
 
 
 def shift(dense: torch.Tensor, other: torch.Tensor, answer: torch.Tensor) -> dict[str, float]:
@@ -177,7 +189,7 @@ def run(args: argparse.Namespace, configs: list[dict]) -> dict:
         }
         for name, budget in resolved.items():
             other = answer_log_probs(model, generated, prompt_len, budget)
-            row[name] = shift(dense, other, answer)
+            row[name] = {**shift(dense, other, answer), "density": prefill_density()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"args": spec, "configs": configs, "rows": rows, "summary": summarize(rows, resolved)}
@@ -232,12 +244,12 @@ def main() -> None:
         result = run(args, configs)
     except ConfigError as err:
         parser.error(str(err))
-    print(f"\n{'config':<32} {'d log-lik/token':>16} {'KL':>10} {'top-1 kept':>10}")
+    print(f"\n{'config':<32} {'d log-lik/token':>16} {'KL':>10} {'top-1 kept':>10} {'density':>8}")
     for name, metrics in result["summary"].items():
-        ll, kl, top1 = (metrics[m] for m in METRICS)
+        ll, kl, top1, density = (metrics[m] for m in METRICS)
         print(
             f"{name:<32} {ll['mean']:>+9.4f}±{ll['stderr']:.4f} {kl['mean']:>10.4f} "
-            f"{top1['mean']:>10.3f}"
+            f"{top1['mean']:>10.3f} {density['mean']:>8.3f}"
         )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -43,9 +43,10 @@ def test_answers_move_only_under_a_sparse_budget(tmp_path: Path) -> None:
         for exact in (row["tau 1"], row["tau 1, chunks of 256"]):
             # every block: the reference must equal SDPA's dense answer
             assert abs(exact["log_likelihood_change"]) < 1e-4 and abs(exact["kl"]) < 1e-5
-            assert exact["top1_kept"] == 1.0
+            assert exact["top1_kept"] == 1.0 and exact["density"] == 1.0
     sparse = report["summary"]["topk 0.3"]
     assert sparse["kl"]["mean"] > 1e-3 and sparse["top1_kept"]["mean"] < 1.0
+    assert 0.3 <= sparse["density"]["mean"] < 1.0  # top-k 0.3 plus sink and local blocks
     assert "top-1 kept" in result.stdout
 
 
