@@ -47,13 +47,13 @@ def test_prefill_work_routes_by_the_prompt_length_the_runner_tells(monkeypatch) 
     query_start = torch.tensor([0, 1, 2, 7, 14])
     seq_lens = torch.tensor([30, 9, 16, 7])
     work = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 10)
-    assert work is not None and work.prompts == (40, 7)
+    assert work is not None and work.prompt_lens == (40, 7)
     assert work.long_requests == 1 and work.long_prefill_tokens == 5
     no_tail = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
     assert no_tail is not None and no_tail.long_requests == 1  # 40 >= 30; the chunk's 16 is not
     Runner.input_batch.num_computed_tokens_cpu = np.array([29, 8, 10, 0])  # another step's rows
     stale = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
-    assert stale is not None and stale.prompts is None and stale.long_requests == 0
+    assert stale is not None and stale.prompt_lens is None and stale.long_requests == 0
 
 
 def test_all_decodes_and_all_prefills() -> None:

@@ -39,7 +39,7 @@ class PrefillWork:
     block_table: Tensor
     # Each request's prompt length where the model runner told it; None: each chunk's end
     # stands for its prompt's end (compat.prompt_lengths).
-    prompts: tuple[int, ...] | None
+    prompt_lens: tuple[int, ...] | None
     long_requests: int  # prompts of at least min_sparse_tokens (those that get estimated)
     # Prefill tokens (decodes excluded: the CPU backend's batches hold them too), and those
     # of long requests: what the counters report per layer as the sparse path's tokens.
@@ -86,7 +86,7 @@ def prefill_work(
         first_token=starts[first_request],
         batch=PrefillBatch.from_lens(query_lens, context_lens),
         block_table=block_table[first_request : first_request + num_requests],
-        prompts=prompt_lens,
+        prompt_lens=prompt_lens,
         long_requests=sum(e >= min_sparse_tokens for e in ends),
         prefill_tokens=sum(n for n, _ in prefills),
         long_prefill_tokens=sum(n for n, e in prefills if e >= min_sparse_tokens),
@@ -246,7 +246,13 @@ class SparsePrefillLayer:
         causal = 0
         try:
             plan = kernels.plan_prefill(
-                q, kv, work.batch, self.config, budget, scale=self.scale, prompt_lens=work.prompts
+                q,
+                kv,
+                work.batch,
+                self.config,
+                budget,
+                scale=self.scale,
+                prompt_lens=work.prompt_lens,
             )
             # The selected count stays on the device (counters add it there): reading it would
             # make the host wait for the GPU at every layer. Only a density check reads it.
