@@ -13,8 +13,9 @@
 #   carry .gpu-run/v/part-00 .gpu-run/d:  bash benchmarks/device_transfer.sh vpart data
 #   carry .gpu-run/v/part-01:             bash benchmarks/device_transfer.sh vpart
 #   carry .gpu-run/v/part-02 .gpu-run/v/install.sh .gpu-run/v/NPARTS .gpu-run/v/SHA256SUMS:
-#       bash benchmarks/device_transfer.sh vpart install && (RULER_SPEC=... setsid nohup \
-#       bash benchmarks/gpu_jobs.sh convert ruler > /tmp/logs/jobs.log 2>&1 < /dev/null &)
+#       bash benchmarks/device_transfer.sh vpart install && (RULER_SPEC=... RULER_ONLY='a;b' \
+#       RULER_LENGTHS=32768 RULER_SAMPLES=50 RULER_SEED=0 setsid nohup bash \
+#       benchmarks/gpu_jobs.sh convert ruler > /tmp/logs/jobs.log 2>&1 < /dev/null &)
 #   carry .gpu-run/gguf/part-NN (ten calls): bash benchmarks/device_transfer.sh gguf
 #   then polls that sleep on the device:  sleep 200; bash benchmarks/device_transfer.sh look
 # `look` tars /tmp/results and /tmp/logs into $OUT/res.tgz, so each poll brings back what

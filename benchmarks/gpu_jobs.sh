@@ -21,8 +21,10 @@
 # RULER_SEED its samples per task and first seed: sample i uses seed + i, so RULER_SEED=25
 # RULER_SAMPLES=75 adds samples 25-99 to a 25-sample run; RULER_GPUS GPUs, RULER_PARALLEL
 # engines at once; RULER_ENGINE_ARGS, JSON, replaces the spec's engine_args: a fixed memory
-# share per engine lets two ruler jobs share one GPU).
-# Two ruler jobs side by side need distinct RULER_LENGTHS: they name the log and the results.
+# share per engine lets two ruler jobs share one GPU; RULER_ONLY, config names separated by
+# ';', runs only those).
+# Two ruler jobs side by side need distinct RULER_LENGTHS (or RULER_SEED): they name the log
+# and the results.
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -34,6 +36,7 @@ RESULTS=/tmp/results LOGS=/tmp/logs
 GGUF_PARTS=${GGUF_PARTS:-10}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
+RULER_ONLY=${RULER_ONLY:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 TTFT_CHUNK=${TTFT_CHUNK:-16384} CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
 CALIB_ESTIMATOR=${CALIB_ESTIMATOR:-unisparse} CALIB_C_K=${CALIB_C_K:-16} CALIB_MAX_MIX=${CALIB_MAX_MIX:-0.0}
@@ -85,14 +88,20 @@ for job in "$@"; do
             --max-mix "$CALIB_MAX_MIX" --estimator "$CALIB_ESTIMATOR" \
             --device cuda --out "$RESULTS/qwen05-calibrated-$name.yaml" ;;
     ruler)
+        name="ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}${RULER_SEED:+_s$RULER_SEED}"
+        only=()
+        if [ -n "$RULER_ONLY" ]; then
+            IFS=';' read -ra only <<< "$RULER_ONLY"
+            only=(--only "${only[@]}")
+        fi
         # shellcheck disable=SC2086  # the lengths are words
-        step "ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" timeout 1700 python3 \
+        step "$name" timeout 1700 python3 \
             benchmarks/eval_ruler.py --spec "$RULER_SPEC" --model /tmp/qwen05 \
             --haystack /tmp/data/essays --qa-data /tmp/data/qa \
             ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
-            ${RULER_SEED:+--seed $RULER_SEED} \
+            ${RULER_SEED:+--seed $RULER_SEED} "${only[@]}" \
             ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} --parallel "$RULER_PARALLEL" \
-            --gpus "$RULER_GPUS" --out-dir "$RESULTS/ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}" ;;
+            --gpus "$RULER_GPUS" --out-dir "$RESULTS/$name" ;;
     *)
         echo "unknown job $job" ;;
     esac
