@@ -310,9 +310,9 @@ def main() -> None:
         parser.error("--ttft-text needs --ttft-model (a folder with weights and a tokenizer)")
     if args.ttft_text and not args.ttft_text.is_file():
         parser.error(f"--ttft-text {args.ttft_text}: no such file")
-    for settings in args.ttft_unisparse:  # a bad budget is refused before any engine starts
-        from unisparse_vllm.config import ConfigError, resolve_config
+    from unisparse_vllm.config import ConfigError, resolve_config
 
+    for settings in args.ttft_unisparse:  # a bad budget is refused before any engine starts
         try:
             if not isinstance(settings, dict):
                 raise ConfigError(f"must be a JSON object of UniSparse settings, got {settings!r}")

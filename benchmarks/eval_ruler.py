@@ -311,14 +311,19 @@ def run_configs(
     work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for start in range(0, len(specs), parallel):
-        wave = list(enumerate(specs[start : start + parallel], start))
+        wave = [
+            (
+                n,
+                {
+                    **spec,
+                    "result_file": str(work_dir / f"{n}.json"),
+                    "checkpoint_file": str(work_dir / f"{n}.partial.json"),
+                },
+            )
+            for n, spec in enumerate(specs[start : start + parallel], start)
+        ]
         procs = []
         for n, spec in wave:
-            spec = {
-                **spec,
-                "result_file": str(work_dir / f"{n}.json"),
-                "checkpoint_file": str(work_dir / f"{n}.partial.json"),
-            }
             gpu_env = {"CUDA_VISIBLE_DEVICES": str(n % gpus)} if gpus > 1 else {}
             with open(work_dir / f"{n}.log", "w") as log:
                 procs.append(
@@ -330,16 +335,16 @@ def run_configs(
                     )
                 )
         for (n, spec), proc in zip(wave, procs, strict=True):
-            result = work_dir / f"{n}.json"
+            result = Path(spec["result_file"])
             if proc.wait() != 0 or not result.is_file():
                 log_tail = (work_dir / f"{n}.log").read_text()[-3000:]
                 print(
                     f"config {spec['name']!r} failed (exit {proc.returncode}):\n{log_tail}",
                     file=sys.stderr,
                 )
-                if (work_dir / f"{n}.partial.json").is_file():
+                if Path(spec["checkpoint_file"]).is_file():
                     print(
-                        f"what it answered is in {work_dir / f'{n}.partial.json'} "
+                        f"what it answered is in {spec['checkpoint_file']} "
                         "(--combine ... --first-samples N)",
                         file=sys.stderr,
                     )

@@ -465,10 +465,10 @@ def test_the_question_term_warns_once_when_prompts_may_be_chunked(monkeypatch, c
             (plain, engine(16384, 32768)),  # no term
             (mixed, engine(32768, 32768)),  # every prompt in one step
         ):
-            monkeypatch.setattr(common, "_NOTED_CHUNKING", [])
+            monkeypatch.setattr(common, "_NOTED_CHUNKING", set())
             common.note_question_term_chunking(config, vllm_config)
         assert not caplog.records
-        monkeypatch.setattr(common, "_NOTED_CHUNKING", [])
+        monkeypatch.setattr(common, "_NOTED_CHUNKING", set())
         for _ in range(3):  # one builder per KV-cache group: said once
             common.note_question_term_chunking(mixed, engine(16384, 32768))
     finally:

@@ -116,13 +116,16 @@ def engine_config() -> UniSparseConfig:
 
 def note_question_term_chunking(config: UniSparseConfig, vllm_config: Any) -> None:
     """``last_block_mix`` mixes the question's blocks into the chunk that ends a prompt
-    only; say so once at start-up when a prompt may take several steps (a warning: the term
-    was measured with the whole prompt in one step). Call from a builder's ``__init__``."""
+    only; say so at start-up (once per step size and model length) when a prompt may take
+    several steps (a warning: the term was measured with the whole prompt in one step).
+    Call from a builder's ``__init__``."""
     step = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
     longest = vllm_config.model_config.max_model_len
-    if not config.last_block_mix or step is None or step >= longest or _NOTED_CHUNKING:
+    if not config.last_block_mix or step is None or step >= longest:
         return
-    _NOTED_CHUNKING.append((step, longest))
+    if (step, longest) in _NOTED_CHUNKING:
+        return
+    _NOTED_CHUNKING.add((step, longest))
     logger.warning(
         "UniSparse: last_block_mix = %s mixes the question's blocks into the last chunk of a "
         "prompt only, and prompts longer than max_num_batched_tokens = %d (max_model_len = "
@@ -134,7 +137,7 @@ def note_question_term_chunking(config: UniSparseConfig, vllm_config: Any) -> No
     )
 
 
-_NOTED_CHUNKING: list[tuple[int, int]] = []  # the warning above, once per process
+_NOTED_CHUNKING: set[tuple[int, int]] = set()  # (step, longest) already warned of here
 _WARMED_UP: set[tuple] = set()  # warm-up keys already compiled in this process
 
 
