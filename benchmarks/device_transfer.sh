@@ -13,11 +13,13 @@
 #   carry .gpu-run/v/part-00 .gpu-run/d:  bash benchmarks/device_transfer.sh vpart data
 #   carry .gpu-run/v/part-01:             bash benchmarks/device_transfer.sh vpart
 #   carry .gpu-run/v/part-02 .gpu-run/v/install.sh .gpu-run/v/NPARTS .gpu-run/v/SHA256SUMS:
-#       bash benchmarks/device_transfer.sh vpart install && (RULER_SPEC=... RULER_ONLY='a;b' \
-#       RULER_LENGTHS=32768 RULER_SAMPLES=50 RULER_SEED=0 setsid nohup bash \
+#       bash benchmarks/device_transfer.sh vpart install && (cd /tmp/src && RULER_SPEC=... \
+#       RULER_ONLY='a;b' RULER_LENGTHS=32768 RULER_SAMPLES=50 RULER_SEED=0 setsid nohup bash \
 #       benchmarks/gpu_jobs.sh convert ruler > /tmp/logs/jobs.log 2>&1 < /dev/null &)
+#   (`install` copies this checkout to /tmp/src and installs that: start jobs from there)
 #   carry .gpu-run/gguf/part-NN (ten calls): bash benchmarks/device_transfer.sh gguf
 #   then polls that sleep on the device:  sleep 200; bash benchmarks/device_transfer.sh look
+#   (a machine is held 30 minutes at most: the last poll must end before that)
 # `look` tars /tmp/results and /tmp/logs into $OUT/res.tgz, so each poll brings back what
 # has finished. gpu_jobs.sh's convert waits for the ten GGUF parts.
 set -eu
@@ -52,7 +54,10 @@ for step in "$@"; do
         mkdir -p /tmp/logs
         cp .gpu-run/v/install.sh .gpu-run/v/NPARTS .gpu-run/v/SHA256SUMS /tmp/parts/
         bash /tmp/parts/install.sh > /tmp/logs/install.log 2>&1 || { tail -20 /tmp/logs/install.log; exit 1; }
-        python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
+        # Jobs run from a copy: every call replaces the checkout here, and a job importing
+        # from it meanwhile fails (pytest's collection did, in the eleventh session).
+        rm -rf /tmp/src && mkdir /tmp/src && tar --exclude=./.gpu-run -cf - . | tar -xf - -C /tmp/src
+        python3 -m pip install -q --no-deps --no-build-isolation --no-index -e /tmp/src
         python3 -c "import vllm, unisparse_vllm; print('vllm', vllm.__version__)" ;;
     gguf)
         # Atomic: gpu_jobs.sh's convert starts once ten parts are there.
