@@ -293,7 +293,7 @@ def main() -> None:
         default=[],
         metavar="JSON",
         help='one more TTFT engine: UNISPARSE with these settings, e.g. \'{"profile": '
-        '"qwen2.5-coder-0.5b-instruct", "last_block_mix": 0.5}\' (repeatable)',
+        '"qwen2.5-coder-0.5b-instruct", "tau": 0.85}\' (repeatable)',
     )
     parser.add_argument(
         "--ttft-chunk",

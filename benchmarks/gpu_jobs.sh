@@ -9,7 +9,7 @@
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF's GGUF_PARTS parts, default 10, in /tmp/gguf
 # (benchmarks/device_transfer.sh carries them), makes /tmp/qwen05),
 # ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B, real weights, essay prompts, with the shipped
-# calibrated profile and the question-aware term too: where the host's work per layer shows;
+# calibrated profile too: where the host's work per layer shows;
 # TTFT_CHUNK tokens a step, default 16384; needs /tmp/data/essays),
 # calibrate (unisparse calibrate on the GPU: Qwen at CALIB_TOKENS tokens, default 32768, target
 # recall CALIB_RECALL, default 0.93, c_q 4, c_k CALIB_C_K, default 16, c_h 1, peak term
@@ -75,7 +75,7 @@ for job in "$@"; do
         step ttft-qwen timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
             --ttft-model /tmp/qwen05 --ttft-text /tmp/essays.txt \
             --ttft-unisparse '{"profile": "qwen2.5-coder-0.5b-instruct"}' \
-            --ttft-unisparse '{"last_block_mix": 0.5}' --ttft-chunk "$TTFT_CHUNK" --lengths 16384 32768 \
+            --ttft-chunk "$TTFT_CHUNK" --lengths 16384 32768 \
             --out "$RESULTS/e2e_ttft_qwen.json" ;;
     tp2)
         step tp2 timeout 900 python3 benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 \

@@ -52,8 +52,44 @@ def test_prefill_work_routes_by_the_prompt_length_the_runner_tells(monkeypatch) 
     no_tail = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
     assert no_tail is not None and no_tail.long_requests == 1  # 40 >= 30; the chunk's 16 is not
     Runner.input_batch.num_computed_tokens_cpu = np.array([29, 8, 10, 0])  # another step's rows
-    stale = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
-    assert stale is not None and stale.prompt_lens is None and stale.long_requests == 0
+    said: list[str] = []
+    monkeypatch.setattr(compat, "_reported_unknown", False)
+    monkeypatch.setattr(compat.logger, "info", lambda msg, *args: said.append(msg % args))
+    for _ in range(2):
+        stale = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
+        assert stale is not None and stale.prompt_lens is None and stale.long_requests == 0
+    assert len(said) == 1, "said once per process, counted every step"
+    assert "computed [10, 0] + scheduled [5, 7] != sequence lengths [16, 7]" in said[0]
+
+
+def test_tokens_routed_without_prompt_lengths_are_counted(monkeypatch) -> None:
+    """Operators see how much of the prefill was routed by chunk ends (the runner did not
+    give prompt lengths) in the counters, not only in a one-time log line."""
+    import numpy as np
+
+    from unisparse_vllm.backend import compat
+    from unisparse_vllm.backend.common import prefill_work
+    from unisparse_vllm.backend.stats import STATS
+
+    layer = _sparse_layer(monkeypatch, tau=0.5)
+    kv_cache = torch.randn(20, 2, 16, 32)
+    query = torch.randn(300, 4 * 16)
+
+    class Runner:
+        class input_batch:
+            num_prompt_tokens = np.array([300])
+            num_computed_tokens_cpu = np.array([0])
+
+    for told, expected in ((False, 300), (True, 0)):
+        monkeypatch.setattr(compat, "_runner", (lambda: Runner()) if told else (lambda: None))
+        work = prefill_work(
+            torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
+        )
+        name = f"model.layers.1.attn.told{told}"
+        layer.forward(name, query, kv_cache, work, torch.empty_like(query), run_dense=list)
+        counters = STATS.layers[name]
+        assert counters.sparse_prefill_tokens == 300
+        assert counters.prompt_length_unknown_tokens == expected
 
 
 def test_all_decodes_and_all_prefills() -> None:
@@ -316,7 +352,14 @@ def test_counters_are_exported_to_prometheus() -> None:
 
     stats, layer = SparseStats(), "model.layers.7.self_attn.attn.prometheus-test"
     stats.record(layer, sparse_tokens=300, dense_tokens=20, selected=6, causal=10)
-    stats.record(layer, sparse_tokens=100, dense_tokens=0, selected=torch.tensor(2), causal=4)
+    stats.record(
+        layer,
+        sparse_tokens=100,
+        dense_tokens=0,
+        selected=torch.tensor(2),
+        causal=4,
+        prompt_length_unknown_tokens=100,
+    )
     stats.record(layer, sparse_tokens=0, dense_tokens=0, selected=torch.tensor(3), causal=5)
     assert stats.layers[layer].selected_blocks == 11  # the device counts, read with the rest
     assert stats.layers[layer].mean_density == 11 / 19
@@ -332,6 +375,7 @@ def test_counters_are_exported_to_prometheus() -> None:
     assert value("unisparse:prefill_tokens_total", tokens + '"dense"') == 20
     assert value("unisparse:selected_blocks_total", f'layer="{layer}"') == 11
     assert value("unisparse:causal_blocks_total", f'layer="{layer}"') == 19
+    assert value("unisparse:prompt_length_unknown_tokens_total", f'layer="{layer}"') == 100
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts stay on a GPU only")
@@ -442,40 +486,3 @@ def test_kernels_are_warmed_up_once_per_shape_and_a_failure_only_logs(monkeypatc
         logger.removeHandler(caplog.handler)
     assert "compiling the sparse prefill kernels at start-up failed" in caplog.text
     assert "out of resources" in caplog.text
-
-
-def test_the_question_term_warns_once_when_prompts_may_be_chunked(monkeypatch, caplog) -> None:
-    from types import SimpleNamespace
-
-    from unisparse_vllm.backend import common
-    from unisparse_vllm.config import resolve_config
-
-    def engine(step: int, longest: int) -> SimpleNamespace:
-        return SimpleNamespace(
-            scheduler_config=SimpleNamespace(max_num_batched_tokens=step),
-            model_config=SimpleNamespace(max_model_len=longest),
-        )
-
-    mixed, plain = resolve_config({"last_block_mix": 0.5}), resolve_config({})
-    logger = logging.getLogger("vllm.unisparse")  # vLLM's logger may not propagate to root
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="vllm.unisparse")
-    try:
-        for config, vllm_config in (
-            (plain, engine(16384, 32768)),  # no term
-            (mixed, engine(32768, 32768)),  # every prompt in one step
-        ):
-            monkeypatch.setattr(common, "_NOTED_CHUNKING", set())
-            common.note_question_term_chunking(config, vllm_config)
-        assert not caplog.records
-        monkeypatch.setattr(common, "_NOTED_CHUNKING", set())
-        for _ in range(3):  # one builder per KV-cache group: said once
-            common.note_question_term_chunking(mixed, engine(16384, 32768))
-    finally:
-        logger.removeHandler(caplog.handler)
-    # One record, whether it reached caplog through root too or not (vLLM may stop
-    # propagation).
-    messages = [r.getMessage() for r in {id(r): r for r in caplog.records}.values()]
-    assert len(messages) == 1, messages
-    assert "last_block_mix = 0.5" in messages[0]
-    assert "max_num_batched_tokens = 16384 (max_model_len = 32768)" in messages[0]

@@ -41,8 +41,8 @@ def test_real_weights_need_a_model_folder_and_an_existing_text(tmp_path: Path) -
 
 
 def test_a_bad_ttft_budget_is_refused_before_any_engine_starts() -> None:
-    result = _run("--skip", "tokens", "serve", "--ttft-unisparse", '{"last_block_mix": 1.5}')
+    result = _run("--skip", "tokens", "serve", "--ttft-unisparse", '{"tau": 1.5}')
     assert result.returncode == 2 and "--ttft-unisparse" in result.stderr
-    assert "last_block_mix = 1.5" in result.stderr, result.stderr
+    assert "tau = 1.5" in result.stderr, result.stderr
     result = _run("--skip", "tokens", "serve", "--ttft-unisparse", "[0.5]")
     assert result.returncode == 2 and "must be a JSON object" in result.stderr

@@ -141,16 +141,6 @@ class UniSparseConfig(LayerBudget):
         "probability per block pair, normalised per row (ALGORITHM.md section 7 guard; "
         "UniSparse estimator only).",
     )
-    last_block_mix: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Weight of the query-aware term in every row's block mass: the attention "
-        "of the prompt's last query block per key block (the last_block estimator's), so rows "
-        "also rank the blocks the prompt's end attends to (where a prompt ends with its "
-        "question, what it asks for). Only the chunk that holds the prompt's end is mixed. "
-        "Computed in PyTorch, also on the GPU.",
-    )
     dense_above_density: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] | None = Field(
         None,
         description="A step whose selected density exceeds this runs dense (a dense kernel "

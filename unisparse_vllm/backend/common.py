@@ -114,30 +114,6 @@ def engine_config() -> UniSparseConfig:
     )
 
 
-def note_question_term_chunking(config: UniSparseConfig, vllm_config: Any) -> None:
-    """``last_block_mix`` mixes the question's blocks into the chunk that ends a prompt
-    only; say so at start-up (once per step size and model length) when a prompt may take
-    several steps (a warning: the term was measured with the whole prompt in one step).
-    Call from a builder's ``__init__``."""
-    step = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
-    longest = vllm_config.model_config.max_model_len
-    if not config.last_block_mix or step is None or step >= longest:
-        return
-    if (step, longest) in _NOTED_CHUNKING:
-        return
-    _NOTED_CHUNKING.add((step, longest))
-    logger.warning(
-        "UniSparse: last_block_mix = %s mixes the question's blocks into the last chunk of a "
-        "prompt only, and prompts longer than max_num_batched_tokens = %d (max_model_len = "
-        "%d) are prefilled in several chunks; set --max-num-batched-tokens to the longest "
-        "prompt served to give every row the term (benchmarks/RESULTS.md section 3)",
-        config.last_block_mix,
-        step,
-        longest,
-    )
-
-
-_NOTED_CHUNKING: set[tuple[int, int]] = set()  # (step, longest) already warned of here
 _WARMED_UP: set[tuple] = set()  # warm-up keys already compiled in this process
 
 
@@ -283,6 +259,7 @@ class SparsePrefillLayer:
             dense_tokens=work.prefill_tokens - sparse_tokens,
             selected=causal if fallback else selected,
             causal=causal,
+            prompt_length_unknown_tokens=work.prefill_tokens if work.prompt_lens is None else 0,
         )
 
     def _report_error(self, layer_name: str, err: Exception) -> None:

@@ -11,10 +11,12 @@ length, which attention metadata does not carry).
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+logger = logging.getLogger("vllm.unisparse")
 SUPPORTED = ((0, 26), (0, 32))  # inclusive range of (major, minor)
 SUPPORTED_TEXT = "vLLM 0.26.x to 0.32.x"
 
@@ -107,8 +109,30 @@ def prompt_lengths(
     try:
         prompts = batch.num_prompt_tokens[rows].tolist()
         computed = batch.num_computed_tokens_cpu[rows].tolist()
-    except AttributeError:
+    except AttributeError as err:
+        _report_unknown_once(f"the input batch has no {err.name}")
         return None
     if [c + n for c, n in zip(computed, query_lens, strict=False)] != list(seq_lens):
+        _report_unknown_once(
+            f"rows {first_request}..: computed {computed} + scheduled {list(query_lens)} "
+            f"!= sequence lengths {list(seq_lens)} (prompts {prompts})"
+        )
         return None
     return tuple(int(p) for p in prompts)
+
+
+def _report_unknown_once(why: str) -> None:
+    """Say the first time a step's prompt lengths cannot be read, and why (the counter
+    ``unisparse:prompt_length_unknown_tokens`` says how often)."""
+    global _reported_unknown
+    if _reported_unknown:
+        return
+    _reported_unknown = True
+    logger.info(
+        "UniSparse: prompt lengths unknown for a step (%s); its chunks are routed by their "
+        "ends, as if each ended its prompt",
+        why,
+    )
+
+
+_reported_unknown = False

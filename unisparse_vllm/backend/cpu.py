@@ -63,12 +63,11 @@ class UniSparseCPUMetadata:
 class UniSparseCPUMetadataBuilder(AttentionMetadataBuilder[UniSparseCPUMetadata]):
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        from .common import engine_config, note_question_term_chunking
+        from .common import engine_config
 
         config = engine_config()
         self.min_sparse_tokens = config.min_sparse_tokens
         compat.track_prompt_lengths()
-        note_question_term_chunking(config, vllm_config)
 
     def build(
         self,

@@ -30,7 +30,6 @@ from .common import (
     count_leading_decodes,
     dense_fallback_reason,
     engine_config,
-    note_question_term_chunking,
     prefill_work,
     slice_requests,
     sparse_unsupported,
@@ -75,7 +74,6 @@ class UniSparseFlashBuilder(FlashAttentionMetadataBuilder):
         config = engine_config()
         self.min_sparse_tokens = config.min_sparse_tokens
         compat.track_prompt_lengths()
-        note_question_term_chunking(config, vllm_config)
         warm_up_sparse_kernels(layer_names, kv_cache_spec, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first, then prefills
 

@@ -37,6 +37,8 @@ PROMETHEUS_METRICS = {
     "unisparse:selected_blocks": "Key blocks the block plans selected (sparse path).",
     "unisparse:causal_blocks": "Causal key blocks of the planned rows (selected <= causal).",
     "unisparse:sparse_errors": "Steps whose sparse path raised and that ran densely instead.",
+    "unisparse:prompt_length_unknown_tokens": "Prefill tokens of steps whose prompt lengths "
+    "the model runner did not give: each chunk's end stood for its prompt's end.",
 }
 
 
@@ -46,16 +48,20 @@ class _Prometheus:
     def __init__(self) -> None:
         from prometheus_client import Counter
 
-        tokens, selected, causal, errors = PROMETHEUS_METRICS
+        tokens, selected, causal, errors, unknown = PROMETHEUS_METRICS
         self.tokens = Counter(tokens, PROMETHEUS_METRICS[tokens], ["layer", "path"])
         self.selected = Counter(selected, PROMETHEUS_METRICS[selected], ["layer"])
         self.causal = Counter(causal, PROMETHEUS_METRICS[causal], ["layer"])
         self.errors = Counter(errors, PROMETHEUS_METRICS[errors], ["layer"])
+        self.unknown = Counter(unknown, PROMETHEUS_METRICS[unknown], ["layer"])
 
-    def record(self, layer: str, *, sparse_tokens: int, dense_tokens: int, causal: int) -> None:
+    def record(
+        self, layer: str, *, sparse_tokens: int, dense_tokens: int, causal: int, unknown: int
+    ) -> None:
         self.tokens.labels(layer, "sparse").inc(sparse_tokens)
         self.tokens.labels(layer, "dense").inc(dense_tokens)
         self.causal.labels(layer).inc(causal)
+        self.unknown.labels(layer).inc(unknown)
 
 
 @functools.cache
@@ -71,6 +77,8 @@ class LayerCounters:
     selected_blocks: int = 0
     causal_blocks: int = 0
     sparse_errors: int = 0
+    # Prefill tokens routed by each chunk's end: the runner did not give prompt lengths.
+    prompt_length_unknown_tokens: int = 0
 
     @property
     def mean_density(self) -> float:
@@ -139,6 +147,7 @@ class SparseStats:
         dense_tokens: int,
         selected: int | Tensor,
         causal: int,
+        prompt_length_unknown_tokens: int = 0,
     ) -> None:
         """One sparse-path step of ``layer``; ``selected`` may be a tensor (a 0-d count),
         which on a GPU is added up there and reaches the counters once copied."""
@@ -146,6 +155,7 @@ class SparseStats:
         counters.sparse_prefill_tokens += sparse_tokens
         counters.dense_prefill_tokens += dense_tokens
         counters.causal_blocks += causal
+        counters.prompt_length_unknown_tokens += prompt_length_unknown_tokens
         if isinstance(selected, Tensor):
             waiting = self._on_device.get(layer)
             self._on_device[layer] = selected if waiting is None else waiting + selected
@@ -153,7 +163,11 @@ class SparseStats:
         else:
             self._add_selected(layer, selected)
         prometheus().record(
-            layer, sparse_tokens=sparse_tokens, dense_tokens=dense_tokens, causal=causal
+            layer,
+            sparse_tokens=sparse_tokens,
+            dense_tokens=dense_tokens,
+            causal=causal,
+            unknown=prompt_length_unknown_tokens,
         )
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL_S:
@@ -184,10 +198,12 @@ class SparseStats:
         dense = sum(c.dense_prefill_tokens for c in self.layers.values())
         selected = sum(c.selected_blocks for c in self.layers.values())
         causal = sum(c.causal_blocks for c in self.layers.values())
+        unknown = sum(c.prompt_length_unknown_tokens for c in self.layers.values())
         density = selected / causal if causal else 1.0
         return (
             f"{len(self.layers)} layers, prefill tokens sparse={sparse} dense={dense} "
-            f"(summed over layers), mean selected density {density:.3f}"
+            f"prompt length unknown={unknown} (summed over layers), "
+            f"mean selected density {density:.3f}"
         )
 
 

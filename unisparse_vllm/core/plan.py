@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -213,50 +213,6 @@ def step_rows(
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _row_weights(
-    batch: PrefillBatch, block_size: int, weights: tuple[float, ...], device: torch.device
-) -> Tensor:
-    """``weights[r]`` for every row of request ``r``, as a ``[1, rows, 1]`` tensor."""
-    per_row = [
-        weights[r]
-        for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True))
-        for _ in query_block_range(c, n, block_size)
-    ]
-    return torch.tensor(per_row, device=device, dtype=torch.float32)[None, :, None]
-
-
-def with_last_block(
-    estimator: BatchMassEstimator, weight: float, sees_question: Sequence[bool]
-) -> BatchMassEstimator:
-    """``estimator`` mixed with the last-block estimate: ``(1 - weight) M + weight L``, ``L``
-    every row's share of the chunk's last query block's exact attention per key block,
-    renormalised over the row's causal blocks. Both rows sum to 1, so the mix does too. Why:
-    on RULER's multi-key prompts a needle row attends little to the earlier needles, so a
-    row's own mass drops them, while the question at the prompt's end attends to every one
-    of them (benchmarks/RESULTS.md section 3, "Answers under sparse prefill").
-
-    Only requests whose chunk holds the prompt's end (``sees_question[r]``) are mixed: an
-    earlier chunk's last block is more prompt, not the question, and mixing its attention
-    into every row moved answers more than no mix at all (RESULTS.md section 3, "The
-    question's blocks under chunked prefill")."""
-    from .baselines import last_block_block_mass  # the peers' rules build on this module
-
-    def mixed(
-        query: Tensor, kv: KVSource, batch: PrefillBatch, estimated: Sequence[bool], **kwargs: Any
-    ) -> Tensor:
-        own = estimator(query, kv, batch, estimated, **kwargs)
-        asked = [e and s for e, s in zip(estimated, sees_question, strict=True)]
-        if not any(asked):
-            return own
-        question = last_block_block_mass(query, kv, batch, asked, **kwargs)
-        weights = tuple(weight if a else 0.0 for a in asked)
-        block_size = kwargs["config"].block_size
-        return own + _row_weights(batch, block_size, weights, own.device) * (question - own)
-
-    return mixed
-
-
 def plan_prefill(
     query: Tensor,
     kv: KVSource,
@@ -269,9 +225,8 @@ def plan_prefill(
     estimator: BatchMassEstimator | None = None,
     selector: Selector = select_blocks,
 ) -> BlockPlan:
-    """Estimate block mass (``estimator``, default: ``config.estimator``'s reference; mixed
-    with the last-block term when ``config.last_block_mix``) and select blocks
-    (``selector``) for a whole prefill batch.
+    """Estimate block mass (``estimator``, default: ``config.estimator``'s reference) and
+    select blocks (``selector``) for a whole prefill batch.
 
     ``prompt_lens[r]`` is request ``r``'s prompt length where the caller knows it (vLLM's
     attention metadata does not carry it; ``backend.compat.prompt_lengths`` reads it from
@@ -285,9 +240,6 @@ def plan_prefill(
         from .baselines import ESTIMATORS  # the peers' rules build on this module
 
         estimator = ESTIMATORS[config.estimator]
-    if config.last_block_mix:
-        sees_question = [s >= p for s, p in zip(batch.seq_lens, prompt_ends, strict=True)]
-        estimator = with_last_block(estimator, config.last_block_mix, sees_question)
     block_size = config.block_size
     c_h = config.heads_per_selection(query.shape[1], kv.num_kv_heads)
     rows = step_rows(
