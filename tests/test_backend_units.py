@@ -29,37 +29,88 @@ def test_prefill_work_after_decodes() -> None:
     assert prefill_work(query_start, seq_lens, block_table, 4, 10) is None
 
 
-def test_prefill_work_routes_by_the_prompt_length_the_runner_tells(monkeypatch) -> None:
-    """The same step as above, with the model runner's input batch noted: the 5-token chunk
-    over 11 cached tokens is the start of a 40-token prompt (long), the fresh 7 of a 7-token
-    one. Rows that do not match the step's (computed + chunk != sequence) are not trusted."""
+def _runner_noting_steps(monkeypatch, version: str, prompts, computed):
+    """A stand-in for vLLM's model runner ``version`` (its rows: prompt lengths and tokens
+    computed before the step, in batch order), wrapped as ``compat.track_prompt_lengths``
+    wraps the real one; its metadata method builds the step's ``PrefillWork``."""
+    from dataclasses import dataclass
+
     import numpy as np
 
     from unisparse_vllm.backend import compat
 
-    class Runner:  # the two arrays of vLLM's InputBatch that compat reads, in batch order
-        class input_batch:
-            num_prompt_tokens = np.array([20, 8, 40, 7])
-            num_computed_tokens_cpu = np.array([29, 8, 11, 0])
+    monkeypatch.setattr(compat, "_step_rows", None)
+    (_, _, method, rows_of) = next(r for r in compat._RUNNERS if r[0].endswith(version))
 
+    @dataclass
+    class InputBatch:  # the V2 runner's, made per step
+        prefill_len_np: np.ndarray
+        num_computed_tokens_np: np.ndarray
+
+    class Rows:  # the first runner's, updated in place
+        num_prompt_tokens = np.array(prompts)
+        num_computed_tokens_cpu = np.array(computed)
+
+    class Runner:
+        input_batch = Rows()
+
+    def metadata(self, *step, work):
+        return prefill_work(*work)
+
+    setattr(Runner, method, metadata)
+    compat.note_steps(Runner, method, rows_of)
     runner = Runner()
-    monkeypatch.setattr(compat, "_runner", lambda: runner)
+    batch = InputBatch(np.array(prompts), np.array(computed))
+    step = (batch,) if version == "gpu.model_runner" else ()
+    return lambda *work: getattr(runner, method)(*step, work=work)
+
+
+@pytest.mark.parametrize("version", ["gpu_model_runner", "gpu.model_runner"])
+def test_prefill_work_routes_by_the_prompt_length_the_runner_tells(monkeypatch, version) -> None:
+    """The same step as above, with the model runner's rows noted (either runner): the
+    5-token chunk over 11 cached tokens is the start of a 40-token prompt (long), the fresh
+    7 of a 7-token one. Rows that do not match the step's (computed + chunk != sequence) are
+    not trusted."""
+    from unisparse_vllm.backend import compat
+
     query_start = torch.tensor([0, 1, 2, 7, 14])
     seq_lens = torch.tensor([30, 9, 16, 7])
-    work = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 10)
+    step = _runner_noting_steps(monkeypatch, version, [20, 8, 40, 7], [29, 8, 11, 0])
+    work = step(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 10)
     assert work is not None and work.prompt_lens == (40, 7)
     assert work.long_requests == 1 and work.long_prefill_tokens == 5
-    no_tail = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
+    no_tail = step(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
     assert no_tail is not None and no_tail.long_requests == 1  # 40 >= 30; the chunk's 16 is not
-    Runner.input_batch.num_computed_tokens_cpu = np.array([29, 8, 10, 0])  # another step's rows
     said: list[str] = []
     monkeypatch.setattr(compat, "_reported_unknown", False)
     monkeypatch.setattr(compat.logger, "info", lambda msg, *args: said.append(msg % args))
-    for _ in range(2):
-        stale = prefill_work(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
+    step = _runner_noting_steps(monkeypatch, version, [20, 8, 40, 7], [29, 8, 10, 0])
+    for _ in range(2):  # another step's rows
+        stale = step(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
         assert stale is not None and stale.prompt_lens is None and stale.long_requests == 0
     assert len(said) == 1, "said once per process, counted every step"
     assert "computed [10, 0] + scheduled [5, 7] != sequence lengths [16, 7]" in said[0]
+
+
+def test_prompt_lengths_are_tracked_in_every_loaded_runner(monkeypatch) -> None:
+    """Both of vLLM's model runners, where their modules are loaded, wrapped once each."""
+    import sys
+    import types
+
+    from unisparse_vllm.backend import compat
+
+    runners = {}
+    for module_name, class_name, method, _ in compat._RUNNERS:
+        runner = type(class_name, (), {method: lambda self, *a, **k: "built"})
+        module = types.ModuleType(module_name)
+        setattr(module, class_name, runner)
+        monkeypatch.setitem(sys.modules, module_name, module)
+        runners[method] = runner
+    compat.track_prompt_lengths()
+    compat.track_prompt_lengths()
+    for method, runner in runners.items():
+        wrapped = getattr(runner, method)
+        assert wrapped._unisparse_tracked and not hasattr(wrapped.__wrapped__, "__wrapped__")
 
 
 def test_tokens_routed_without_prompt_lengths_are_counted(monkeypatch) -> None:
@@ -75,13 +126,9 @@ def test_tokens_routed_without_prompt_lengths_are_counted(monkeypatch) -> None:
     kv_cache = torch.randn(20, 2, 16, 32)
     query = torch.randn(300, 4 * 16)
 
-    class Runner:
-        class input_batch:
-            num_prompt_tokens = np.array([300])
-            num_computed_tokens_cpu = np.array([0])
-
+    rows = (np.array([300]), np.array([0]))  # the runner's: prompt lengths, computed before
     for told, expected in ((False, 300), (True, 0)):
-        monkeypatch.setattr(compat, "_runner", (lambda: Runner()) if told else (lambda: None))
+        monkeypatch.setattr(compat, "_step_rows", (lambda: rows) if told else None)
         work = prefill_work(
             torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
         )

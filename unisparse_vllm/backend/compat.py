@@ -4,14 +4,16 @@
 - adding a member to ``AttentionBackendEnum``: 0.32 has ``register``; 0.26 does not;
 - the KV cache spec: 0.26 asks backends for ``get_kv_cache_shape``; 0.32 hands each layer a
   logical ``[num_blocks, Hkv, page, 2*d]`` view. Both give that same logical view to the impl.
-Alike in both, and read here only: the model runner's input batch (each request's prompt
-length, which attention metadata does not carry).
+Read here only: each request's prompt length, which attention metadata does not carry,
+from whichever model runner builds the step (the first runner, which the CPU build uses,
+or the V2 runner, which 0.26 ran on the H200; both exist in 0.26 and 0.32).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,52 +67,87 @@ def split_kv_cache(kv_cache: Any, head_size: int) -> tuple[Any, Any]:
     return key_cache, value_cache
 
 
-def _no_runner() -> Any:
-    return None
+# The step being built, as the model runner noted it: a function giving, per request in
+# batch order, where its prompt ends and how many of its tokens were computed before the step.
+_step_rows: Callable[[], tuple[Any, Any]] | None = None
 
 
-_runner: Callable[[], Any] = _no_runner  # the model runner building this step's metadata
+def _rows_of_runner_v1(runner: Any, *args: Any, **kwargs: Any) -> Callable[[], tuple[Any, Any]]:
+    """vLLM's first model runner keeps one input batch (numpy rows, updated in place)."""
+    ref: Callable[[], Any] = weakref.ref(runner)  # the engine may go; this module stays
+    return lambda: (ref().input_batch.num_prompt_tokens, ref().input_batch.num_computed_tokens_cpu)
+
+
+def _rows_of_runner_v2(
+    runner: Any, input_batch: Any, *args: Any, **kwargs: Any
+) -> Callable[[], tuple[Any, Any]]:
+    """The V2 model runner (what vLLM 0.26 ran on the H200) makes an input batch per step.
+    Its ``prefill_len`` is the prompt, plus the outputs a request resumed after preemption
+    recomputes: the end of what is prefilled."""
+    ref: Callable[[], Any] = weakref.ref(input_batch)
+    return lambda: (ref().prefill_len_np, ref().num_computed_tokens_np)
+
+
+# (module, runner class, the method that builds a step's attention metadata, its rows)
+_RUNNERS = (
+    (
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner",
+        "_build_attention_metadata",
+        _rows_of_runner_v1,
+    ),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "prepare_attn", _rows_of_runner_v2),
+)
 
 
 def track_prompt_lengths() -> None:
     """Let metadata builders read each request's prompt length (``prompt_lengths``).
 
     vLLM's attention metadata carries the tokens so far, not the prompt's length; the model
-    runner's input batch has it (``num_prompt_tokens``, in batch order), in 0.26 and 0.32.
-    Wraps the runner's ``_build_attention_metadata``, which calls the builders, to note the
-    runner. Call from a builder's ``__init__``: the runner's module is loaded by then, and a
-    process that never builds UNISPARSE metadata is left untouched. Idempotent."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # CPUModelRunner inherits it
+    runner has it, in batch order, in 0.26 and 0.32. Wraps, in each runner whose module is
+    loaded, the method that starts building a step's attention metadata, to note the step's
+    rows (the first runner: ``_build_attention_metadata``, its CPU runner included; the V2
+    runner: ``prepare_attn``, with the step's input batch). Call from a builder's
+    ``__init__``: the runner's module is loaded by then, and a process that never builds
+    UNISPARSE metadata is left untouched. Idempotent."""
+    for module_name, class_name, method, rows_of in _RUNNERS:
+        module = sys.modules.get(module_name)
+        runner = getattr(module, class_name, None)
+        if runner is not None:
+            note_steps(runner, method, rows_of)
 
-    original = GPUModelRunner._build_attention_metadata
+
+def note_steps(runner: type, method: str, rows_of: Callable[..., Callable[[], tuple]]) -> None:
+    """Wrap ``runner.method`` to note ``rows_of(self, *args)`` before each call."""
+    original = getattr(runner, method)
     if getattr(original, "_unisparse_tracked", False):
         return
 
     @functools.wraps(original)
-    def _build_attention_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
-        global _runner
-        _runner = weakref.ref(self)
+    def noting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        global _step_rows
+        _step_rows = rows_of(self, *args, **kwargs)
         return original(self, *args, **kwargs)
 
-    _build_attention_metadata._unisparse_tracked = True  # type: ignore[attr-defined]
-    GPUModelRunner._build_attention_metadata = _build_attention_metadata  # type: ignore[method-assign]
+    noting._unisparse_tracked = True  # type: ignore[attr-defined]
+    setattr(runner, method, noting)
 
 
 def prompt_lengths(
     first_request: int, query_lens: Sequence[int], seq_lens: Sequence[int]
 ) -> tuple[int, ...] | None:
     """The prompt length of requests ``first_request ..`` of the step being built, or None:
-    no runner noted, or its rows are not these requests (its computed tokens + this step's
+    no step noted, or its rows are not these requests (their computed tokens + this step's
     != their sequence lengths). Callers then take each chunk's end for its prompt's end."""
-    batch = getattr(_runner(), "input_batch", None)
-    if batch is None:
+    if _step_rows is None:
         return None
     rows = slice(first_request, first_request + len(seq_lens))
     try:
-        prompts = batch.num_prompt_tokens[rows].tolist()
-        computed = batch.num_computed_tokens_cpu[rows].tolist()
-    except AttributeError as err:
-        _report_unknown_once(f"the input batch has no {err.name}")
+        prompt_ends, computed_before = _step_rows()
+        prompts = prompt_ends[rows].tolist()
+        computed = computed_before[rows].tolist()
+    except (AttributeError, TypeError) as err:
+        _report_unknown_once(f"the runner's rows could not be read: {err}")
         return None
     if [c + n for c, n in zip(computed, query_lens, strict=False)] != list(seq_lens):
         _report_unknown_once(
