@@ -63,6 +63,15 @@ def fallback_share(stats: dict[str, dict]) -> float:
     return dense / (sparse + dense) if sparse + dense else 0.0
 
 
+def unrouted_share(stats: dict[str, dict]) -> float:
+    """Share of the sparse-path layers' prefill tokens routed by their chunk's end, because
+    vLLM's model runner did not give the prompt lengths (0 where the backend reads them;
+    records made before the counter existed read 0)."""
+    unknown = sum(v.get("prompt_length_unknown_tokens", 0) for v in stats.values())
+    total = sum(v["sparse_prefill_tokens"] + v["dense_prefill_tokens"] for v in stats.values())
+    return unknown / total if total else 0.0
+
+
 def combine(
     runs: list[dict], lengths: list[int] | None = None, first_samples: int | None = None
 ) -> dict[str, list[dict]]:
@@ -136,9 +145,9 @@ def _summed_stats(length: int, parts: list[dict]) -> dict:
     layers: dict[str, dict] = {}
     for part in parts:
         for layer, counters in part["stats"].items():
-            total = layers.setdefault(layer, dict.fromkeys(counters, 0))
-            for key, value in counters.items():
-                total[key] += value
+            total = layers.setdefault(layer, {})
+            for key, value in counters.items():  # a counter older runs lack sums from 0
+                total[key] = total.get(key, 0) + value
     for counters in layers.values():
         causal = counters["causal_blocks"]
         counters["mean_density"] = counters["selected_blocks"] / causal if causal else 1.0
@@ -368,6 +377,7 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
                 "average": statistics.mean(by_task.values()),
                 "density": counted[0]["density"] if counted else 1.0,
                 "fallback": fallback_share(counted[0]["stats"]) if counted else 0.0,
+                "unrouted": unrouted_share(counted[0]["stats"]) if counted else 0.0,
             }
         table[name] = per
     reference_name = next(iter(table))  # the first config, normally dense
@@ -443,7 +453,11 @@ def paired_interval(
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
-    print(head + f"{'% of 1st':>9}{'95% CI':>13}{'same ans':>9}{'density':>9}{'fallback':>9}")
+    print(
+        head
+        + f"{'% of 1st':>9}{'95% CI':>13}{'same ans':>9}{'density':>9}{'fallback':>9}"
+        + f"{'unrouted':>9}"
+    )
     for name, per in table.items():
         for length in lengths:
             row = per[length]
@@ -451,7 +465,7 @@ def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
             low, high = row["of_reference_ci"]
             tail = (
                 f"{row['of_reference']:>9.1f}{f'{low:.1f}-{high:.1f}':>13}{row['same_answer']:>9.1f}"
-                f"{row['density']:>9.3f}{row['fallback']:>9.3f}"
+                f"{row['density']:>9.3f}{row['fallback']:>9.3f}{row['unrouted']:>9.3f}"
             )
             print(f"{name:<24}{length:>8}{cells}{tail}")
 

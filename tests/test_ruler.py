@@ -136,7 +136,11 @@ def test_niah_multiquery_asks_for_every_key() -> None:
 # counters of a 600-token prompt: layer 0 ran sparse, layer 1 fell back for half of it
 STATS_OF_TWO_LAYERS = {
     "layer.0": {"sparse_prefill_tokens": 600, "dense_prefill_tokens": 0},
-    "layer.1": {"sparse_prefill_tokens": 300, "dense_prefill_tokens": 300},
+    "layer.1": {
+        "sparse_prefill_tokens": 300,
+        "dense_prefill_tokens": 300,
+        "prompt_length_unknown_tokens": 200,
+    },
 }
 
 
@@ -162,6 +166,7 @@ def test_summary_scores_each_length_against_the_first_config() -> None:
         "average": 45.0,
         "density": 1.0,
         "fallback": 0.0,
+        "unrouted": 0.0,
         "of_reference": 100.0,
         "of_reference_ci": (100.0, 100.0),
         "same_answer": 100.0,
@@ -171,6 +176,7 @@ def test_summary_scores_each_length_against_the_first_config() -> None:
     assert table["sparse"][64]["density"] == 0.25
     assert table["sparse"][64]["same_answer"] == pytest.approx(100 / 3)  # the second, stripped
     assert table["sparse"][64]["fallback"] == pytest.approx(300 / 1200)  # layer 1's step fell back
+    assert table["sparse"][64]["unrouted"] == pytest.approx(200 / 1200)  # no prompt lengths
     low, high = table["sparse"][64]["of_reference_ci"]
     assert low < 100 * 32.5 / 45 < high <= 100.0  # never better than dense on any sample
 
@@ -235,12 +241,15 @@ def test_runs_combine_into_one_with_more_samples() -> None:
             ],
         }
     }
+    # A counter added since the first run (its records lack it) sums from the run that has it.
+    second["records"]["sparse"][-1]["stats"]["layer.1"]["prompt_length_unknown_tokens"] = 5
     second["records"]["later"] = second["records"]["dense"]  # in one run only: left out
     results = combine([first, second])
     assert list(results) == ["dense", "sparse"]
     table = summarize(results, ["vt"], [64])
     assert table["dense"][64]["average"] == 75.0 and table["sparse"][64]["average"] == 50.0
     assert table["sparse"][64]["density"] == pytest.approx((4 / 32 + 1) / 2)  # counters summed
+    assert table["sparse"][64]["unrouted"] == pytest.approx(5 / 20)
     assert table["sparse"][64]["same_answer"] == 100.0  # predictions pair over all four
 
     third = {"records": {"late": first["records"]["dense"] + second["records"]["dense"]}}
