@@ -108,6 +108,29 @@ def test_every_chunk_of_a_long_prompt_runs_sparse(tiny_model: Path) -> None:
         assert layer["sparse_prefill_tokens"] == prompt_tokens
 
 
+def test_the_runner_rows_compat_reads_exist_in_this_vllm() -> None:
+    """What ``compat`` wraps and reads in each of vLLM's model runners (the V2 runner runs on
+    CUDA in 0.26; the CPU build runs the first), checked against the installed vLLM."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from vllm.v1.worker import gpu_input_batch
+    from vllm.v1.worker.gpu import input_batch as input_batch_v2
+
+    from unisparse_vllm.backend import compat
+
+    wrapped = [
+        getattr(getattr(importlib.import_module(module), runner), method)
+        for module, runner, method, _ in compat._RUNNERS
+    ]
+    assert list(inspect.signature(wrapped[1]).parameters)[1] == "input_batch"  # the V2 runner's
+    fields = {f.name for f in dataclasses.fields(input_batch_v2.InputBatch)}
+    assert {"prefill_len_np", "num_computed_tokens_np"} <= fields
+    made = inspect.getsource(gpu_input_batch.InputBatch.__init__)
+    assert "self.num_prompt_tokens =" in made and "self.num_computed_tokens_cpu =" in made
+
+
 def test_multiprocess_engine_survives_the_enum_pickling(
     tiny_model: Path, dense_reference: dict
 ) -> None:
