@@ -150,9 +150,11 @@ def prompt_lengths(
         _report_unknown_once(f"the runner's rows could not be read: {err}")
         return None
     if [c + n for c, n in zip(computed, query_lens, strict=False)] != list(seq_lens):
+        shown = slice(0, 8)  # a batch may hold hundreds of requests: its first rows say why
         _report_unknown_once(
-            f"rows {first_request}..: computed {computed} + scheduled {list(query_lens)} "
-            f"!= sequence lengths {list(seq_lens)} (prompts {prompts})"
+            f"rows {first_request}.. (the first 8): computed {computed[shown]} + scheduled "
+            f"{list(query_lens)[shown]} != sequence lengths {list(seq_lens)[shown]} "
+            f"(prompts {prompts[shown]})"
         )
         return None
     return tuple(int(p) for p in prompts)
