@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ruler import QA_FILES, TASKS, Haystack, QACorpus, generate, score
+from ruler import PROMPT_VERSION, QA_FILES, TASKS, Haystack, QACorpus, generate, score
 
 MAX_TOKENS = {"cwe": 120, "fwe": 50, "vt": 30, "qa_squad": 32, "qa_hotpotqa": 32}
 DEFAULT_MAX_TOKENS = 40
@@ -72,6 +72,12 @@ def unrouted_share(stats: dict[str, dict]) -> float:
     return unknown / total if total else 0.0
 
 
+def prompt_version(run: dict) -> int:
+    """The generator version of a run's prompts (``ruler.PROMPT_VERSION``; runs made before
+    it was recorded are version 1)."""
+    return run.get("args", {}).get("prompt_version", 1)
+
+
 def combine(
     runs: list[dict], lengths: list[int] | None = None, first_samples: int | None = None
 ) -> dict[str, list[dict]]:
@@ -86,6 +92,12 @@ def combine(
     first N samples per task and length of every config, so that a config cut short (its
     ``partial.json``: complete rounds of samples) pairs with the others' first N (its
     density stays over every prompt it answered)."""
+    versions = {prompt_version(run) for run in runs}
+    if len(versions) > 1:
+        raise ValueError(
+            f"--combine: the runs' prompts come from generator versions {sorted(versions)} "
+            "(ruler.PROMPT_VERSION); only runs of one version pair"
+        )
     results: dict[str, list[dict]] = {}
     stats: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
@@ -524,11 +536,18 @@ def main() -> None:
     args, configs, engine_args = parse_args()
     if args.combine:
         runs = [json.loads(path.read_text()) for path in args.combine]
-        results = combine(runs, args.lengths, args.first_samples)
+        try:
+            results = combine(runs, args.lengths, args.first_samples)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
         reference = next(iter(results.values()))
         tasks = list(dict.fromkeys(r["task"] for r in reference if "task" in r))
         lengths = sorted({r["length"] for r in reference})
-        report(results, tasks, lengths, {"combined": [str(p) for p in args.combine]}, args)
+        combined = {
+            "combined": [str(p) for p in args.combine],
+            "prompt_version": prompt_version(runs[0]),
+        }
+        report(results, tasks, lengths, combined, args)
         return
     if args.worker:
         spec = json.loads(args.worker)
@@ -550,6 +569,7 @@ def main() -> None:
         "seed": args.seed,
         "checkpoint_samples": args.checkpoint_samples,
         "engine_args": engine_args,
+        "prompt_version": PROMPT_VERSION,
     }
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"

@@ -30,6 +30,10 @@ TASKS = (
     "qa_hotpotqa",
 )
 QA_FILES = {"qa_squad": "squad.json", "qa_hotpotqa": "hotpotqa.json"}
+# Which generator made a run's prompts (runs record it; only runs of one version pair):
+# 1 (until 2026-12-04): NIAH needles in key order and the first key asked, so the asked
+# needle was always the first in the text; 2: shuffled and drawn, as RULER does.
+PROMPT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,13 @@ def _niah(task: str, hay: Haystack, budget: int, rng: random.Random) -> Sample:
     needles = [
         f"One of the special magic numbers for {k} is: {v}." for k in keys for v in values[k]
     ]
-    asked = keys if task == "niah_multiquery" else [keys[0]]
+    # As RULER does (scripts/data/synthetic/niah.py): the needles shuffled and the asked key
+    # drawn, so that it is not always the first needle in the text (before 2026-12-04 it
+    # was). Their own generator, seeded by the keys, leaves the sample's other draws (its
+    # haystack and depths) as they were.
+    order = random.Random("|".join(keys))
+    order.shuffle(needles)
+    asked = keys if task == "niah_multiquery" else [order.choice(keys)]
     references = [v for k in asked for v in values[k]]
     question = (
         f"What are all the special magic numbers for {', '.join(asked)} mentioned in the text?"

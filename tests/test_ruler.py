@@ -128,6 +128,21 @@ def test_qa_task_without_its_corpus_is_refused() -> None:
         generate("qa_squad", Haystack(TEXT, words), 600, seed=0)
 
 
+def test_niah_multikey_asks_a_key_anywhere_among_the_needles() -> None:
+    """RULER shuffles the needles and draws the asked key: its needle is not always the
+    first one in the text (the one farthest from the question)."""
+    ranks = set()
+    for seed in range(12):
+        sample = generate("niah_multikey", Haystack(TEXT, words), 800, seed=seed)
+        keys = sample.meta["keys"]
+        (value,) = sample.references
+        asked = next(k for k in keys if f"for {k} is: {value}." in sample.prompt)
+        assert f"numbers for {asked} mentioned" in sample.prompt
+        by_place = sorted(keys, key=lambda k: sample.prompt.index(f"numbers for {k} is"))
+        ranks.add(by_place.index(asked))
+    assert len(ranks) >= 3, ranks
+
+
 def test_niah_multiquery_asks_for_every_key() -> None:
     sample = generate("niah_multiquery", Haystack(TEXT, words), 800, seed=1)
     assert len(sample.references) == 4 and all(k in sample.prompt for k in sample.meta["keys"])
@@ -546,3 +561,18 @@ def test_plot_styles_tell_many_configs_apart() -> None:
     styles = plot_styles(70)
     assert len(set(styles)) == 70
     assert styles[10] != styles[0] and styles[10][0] == styles[0][0]  # same color, new marker
+
+
+def test_runs_of_different_prompt_generators_do_not_combine() -> None:
+    """Prompts of another generator version may keep their lengths and references (a
+    shuffled multi-value needle list) and still differ: such runs must not pair."""
+    from eval_ruler import combine
+    from ruler import PROMPT_VERSION
+
+    record = {"task": "vt", "length": 64, "score": 1.0, "prediction": "a", "prompt_tokens": 9}
+    old = {"args": {}, "records": {"dense": [{**record, "references": ["1"]}]}}
+    new = {"args": {"prompt_version": PROMPT_VERSION}, "records": old["records"]}
+    assert PROMPT_VERSION > 1
+    with pytest.raises(ValueError, match="generator versions"):
+        combine([old, new])
+    assert list(combine([new, new])) == ["dense"]
