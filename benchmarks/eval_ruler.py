@@ -18,7 +18,8 @@ QA tasks need ``--qa-data``: the folder with ``squad.json`` and ``hotpotqa.json`
 
 ``--combine A/results.json B/results.json --out-dir AB`` summarizes runs as one without
 generating: more samples (sample i uses seed + i, so ``--seed 25 --samples 75`` extends a
-25-sample run to 100) or configs run later against the same prompts.
+25-sample run to 100) or configs run later against the same prompts. Runs record the prompt
+generator's version (``ruler.PROMPT_VERSION``); only runs of one version combine.
 """
 
 from __future__ import annotations
