@@ -65,8 +65,7 @@ class UniSparseCPUMetadataBuilder(AttentionMetadataBuilder[UniSparseCPUMetadata]
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         from .common import engine_config
 
-        config = engine_config()
-        self.min_sparse_tokens = config.min_sparse_tokens
+        self.min_sparse_tokens = engine_config().min_sparse_tokens
         compat.track_prompt_lengths()
 
     def build(

@@ -71,8 +71,7 @@ class UniSparseFlashBuilder(FlashAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        config = engine_config()
-        self.min_sparse_tokens = config.min_sparse_tokens
+        self.min_sparse_tokens = engine_config().min_sparse_tokens
         compat.track_prompt_lengths()
         warm_up_sparse_kernels(layer_names, kv_cache_spec, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first, then prefills

@@ -235,7 +235,6 @@ def plan_prefill(
     ``dense_tail_blocks`` query blocks before the prompt's end), and every row of a dense
     layer.
     """
-    prompt_ends = prompt_lens or batch.seq_lens
     if estimator is None:
         from .baselines import ESTIMATORS  # the peers' rules build on this module
 
@@ -247,7 +246,7 @@ def plan_prefill(
         block_size,
         config.min_sparse_tokens,
         config.dense_tail_blocks,
-        prompt_ends,
+        prompt_lens or batch.seq_lens,
         query.device,
     )
     estimated = [e and not budget.dense for e in rows.estimated]
