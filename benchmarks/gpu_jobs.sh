@@ -12,7 +12,8 @@
 # calibrated profile too: where the host's work per layer shows;
 # TTFT_CHUNK tokens a step, default 16384; needs /tmp/data/essays),
 # calibrate (unisparse calibrate on the GPU: Qwen at CALIB_TOKENS tokens, default 32768, target
-# recall CALIB_RECALL, default 0.93, c_q 4, c_k CALIB_C_K, default 16, c_h 1, peak term
+# recall CALIB_RECALL, default 0.93, or mean density CALIB_DENSITY where set, c_q 4, c_k
+# CALIB_C_K, default 16, c_h 1, peak term
 # CALIB_MAX_MIX, default 0.0, block scores CALIB_ESTIMATOR, default unisparse ->
 # /tmp/results/qwen05-calibrated-*.yaml; ~25 s on an H200 at 32K),
 # tp2 (e2e at tensor parallel 2: Qwen tokens vs FLASH_ATTN, serve and TTFT on Llama-8B
@@ -40,6 +41,7 @@ RULER_ONLY=${RULER_ONLY:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 TTFT_CHUNK=${TTFT_CHUNK:-16384} CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
 CALIB_ESTIMATOR=${CALIB_ESTIMATOR:-unisparse} CALIB_C_K=${CALIB_C_K:-16} CALIB_MAX_MIX=${CALIB_MAX_MIX:-0.0}
+CALIB_DENSITY=${CALIB_DENSITY:-}
 mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
 
@@ -81,10 +83,12 @@ for job in "$@"; do
         step tp2 timeout 900 python3 benchmarks/e2e_vllm.py --tp 2 --tokens-model /tmp/qwen05 \
             --serve-model llama-8b --out "$RESULTS/e2e_tp2.json" ;;
     calibrate)
-        name="${CALIB_ESTIMATOR}-${CALIB_TOKENS}-recall${CALIB_RECALL}-ck${CALIB_C_K}-mix${CALIB_MAX_MIX}"
+        target=(--target-recall "$CALIB_RECALL") tag=recall$CALIB_RECALL
+        [ -n "$CALIB_DENSITY" ] && target=(--target-density "$CALIB_DENSITY") tag=density$CALIB_DENSITY
+        name="${CALIB_ESTIMATOR}-${CALIB_TOKENS}-${tag}-ck${CALIB_C_K}-mix${CALIB_MAX_MIX}"
         step "calibrate_$name" timeout 900 python3 -m unisparse_vllm.cli \
             calibrate --model /tmp/qwen05 --text /tmp/data/essays/*.txt --tokens "$CALIB_TOKENS" \
-            --target-recall "$CALIB_RECALL" --c-q 4 --c-k "$CALIB_C_K" --c-h 1 \
+            "${target[@]}" --c-q 4 --c-k "$CALIB_C_K" --c-h 1 \
             --max-mix "$CALIB_MAX_MIX" --estimator "$CALIB_ESTIMATOR" \
             --device cuda --out "$RESULTS/qwen05-calibrated-$name.yaml" ;;
     ruler)

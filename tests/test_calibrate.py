@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,8 @@ def test_each_layer_is_estimated_once_for_all_taus(monkeypatch) -> None:
     query, keys = torch.randn(512, 4, 16, generator=gen), torch.randn(512, 2, 16, generator=gen)
     config = resolve_config({"block_size": 64, "c_q": 8, "c_k": 8, "min_sparse_tokens": 0})
     taus = (0.5, 0.7, 0.9)
-    choice = calibrate.choose_layer_budget(query, keys, 1, config, 1.01, taus)  # tries all
+    curve = calibrate.layer_curve(query, keys, 1, config, taus)
+    choice = calibrate.choose_for_recall(curve, 1.01)  # tries all
     assert len(calls) == 1 and choice.tau is None
     budget = config.for_layer(1).model_copy(update={"tau": 0.9})
     fresh = plan_prefill(
@@ -122,6 +124,86 @@ def test_each_layer_is_estimated_once_for_all_taus(monkeypatch) -> None:
         scale=0.25,
     )
     assert choice.density == fresh.density()
+
+
+def _point(layer: int, tau: float, recall: float, density: float):
+    from unisparse_vllm.calibrate import LayerChoice
+
+    return LayerChoice(layer, tau, recall, density)
+
+
+CURVES = [
+    [_point(0, 0.5, 0.80, 0.10), _point(0, 0.8, 0.90, 0.20), _point(0, 0.95, 0.97, 0.40)],
+    [_point(1, 0.5, 0.70, 0.15), _point(1, 0.8, 0.85, 0.30), _point(1, 0.95, 0.92, 0.50)],
+]
+
+
+@pytest.mark.parametrize(
+    ("budget", "taus"),
+    [
+        (0.25, [0.8, 0.8]),  # recall >= 0.85 fits exactly; 0.90 would cost 0.35
+        (0.24, [0.5, 0.8]),  # one step less: recall >= 0.80 at 0.20
+        (0.75, [0.95, None]),  # recall >= 0.97: layer 1 dense, counted as 1 (0.70)
+        (0.69, [0.95, 0.95]),  # recall >= 0.92 at 0.45: dense layer 1 no longer fits
+    ],
+)
+def test_a_density_budget_buys_the_highest_recall_every_layer_can_keep(budget, taus) -> None:
+    from unisparse_vllm.calibrate import choose_for_density
+
+    assert [c.tau for c in choose_for_density(CURVES, budget)] == taus
+
+
+def test_a_density_budget_below_the_smallest_tau_is_refused() -> None:
+    from unisparse_vllm.calibrate import choose_for_density
+    from unisparse_vllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"target_density 0.1: .* mean density 0.125"):
+        choose_for_density(CURVES, 0.1)
+
+
+def test_the_command_line_calibrates_to_a_density_budget(
+    tiny: Path, text: Path, tmp_path: Path
+) -> None:
+    """A tighter budget: lower density and lower recall, each within what the header says."""
+
+    def per_layer(budget: str) -> tuple[str, list[tuple[float, float]]]:
+        out = tmp_path / f"budget-{budget}.yaml"
+        argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+        argv += ["--block-size", "64", "--c-q", "8", "--c-k", "8", "--target-density", budget]
+        assert main([*argv, "--taus", "0.05", "0.5", "0.95", "--out", str(out)]) == 0
+        resolve_config(file=out)
+        lines = out.read_text().splitlines()
+        measured = re.findall(r"mean recall ([0-9.]+), density ([0-9.]+)", "\n".join(lines[1:4]))
+        return lines[0], [(float(r), float(d)) for r, d in measured]
+
+    _, loose = per_layer("1.0")
+    tight_header, tight = per_layer("0.8")
+    assert "target mean density 0.8 over the layers" in tight_header
+    assert sum(d for _, d in tight) / 3 <= 0.8 < sum(d for _, d in loose) / 3
+    assert min(r for r, _ in tight) < min(r for r, _ in loose)
+    assert f"mean recall >= {min(r for r, _ in tight):.3f}" in tight_header
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target-density", "0"], "--target-density must be in (0, 1], got 0.0"),
+        (["--target-recall", "1.5"], "--target-recall must be in [0, 1], got 1.5"),
+        (["--taus", "0.9", "1.2"], "taus: each must be in (0, 1], got [0.9, 1.2]"),
+    ],
+)
+def test_bad_calibration_targets_are_named(
+    tiny: Path, text: Path, tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    assert main([*argv, *extra, "--out", str(tmp_path / "p.yaml")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_calibration_takes_one_target(text: Path, tmp_path: Path) -> None:
+    argv = ["calibrate", "--model", "m", "--text", str(text), "--out", str(tmp_path / "p.yaml")]
+    with pytest.raises(SystemExit):
+        main([*argv, "--target-recall", "0.9", "--target-density", "0.2"])
 
 
 def test_the_command_line_tries_the_default_taus_and_pools_as_asked(

@@ -2,18 +2,22 @@
 
 Runs a Hugging Face model (CPU is enough for small models) over calibration text, captures
 each layer's post-RoPE queries and keys, and for each layer picks the smallest ``tau`` whose
-plan keeps at least ``target_recall`` of the exact attention mass on average; layers that
-miss the target even at the largest ``tau`` become dense layers. The result is a profile YAML that
-``--additional-config '{"unisparse": {"profile": "..."}}'`` loads.
+plan keeps at least a target share of the exact attention mass on average (its recall);
+layers that miss the target even at the largest ``tau`` become dense layers. The target is
+either that recall (``target_recall``) or a compute budget (``target_density``): the highest
+recall every layer can be held to with the mean density over the layers within the budget.
+The result is a profile YAML that ``--additional-config '{"unisparse": {"profile": "..."}}'``
+loads.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -87,20 +91,24 @@ def capture_qkv(model: Any, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
 @dataclass(frozen=True)
 class LayerChoice:
     layer: int
-    tau: float | None  # None: dense
+    tau: float | None  # None: dense; recall and density are then the largest tau's
     recall: float
     density: float
 
+    @property
+    def served_density(self) -> float:
+        return 1.0 if self.tau is None else self.density
 
-def choose_layer_budget(
+
+def layer_curve(
     query: Tensor,
     keys: Tensor,
     layer: int,
     config: UniSparseConfig,
-    target_recall: float,
     taus: tuple[float, ...] = DEFAULT_TAUS,
-) -> LayerChoice:
-    """The smallest ``tau`` reaching ``target_recall`` (mean over queries and heads)."""
+) -> Iterator[LayerChoice]:
+    """Each tau's mean recall (over queries and heads) and density, smallest tau first; lazy,
+    so that a recall target stops at the first tau reaching it."""
     seq_len = query.shape[0]
     batch = PrefillBatch.from_lens([seq_len])
     kv = ContiguousKV(keys, keys, (0,))  # values play no part in recall
@@ -115,21 +123,42 @@ def choose_layer_budget(
             masses.append(estimator(*args, **kwargs))
         return masses[0]
 
-    last = LayerChoice(layer, None, 1.0, 1.0)
     for tau in sorted(taus):
         budget = config.for_layer(layer).model_copy(
             update={"tau": tau, "mode": "top_p", "dense": False}
         )
         plan = plan_prefill(query, kv, batch, config, budget, scale=scale, estimator=estimate_once)
         recall = float(mass_recall(probs, plan, 0, 0).mean())
-        last = LayerChoice(layer, tau, recall, plan.density())
-        if recall >= target_recall:
-            break
+        yield LayerChoice(layer, tau, recall, plan.density())
+
+
+def choose_for_recall(curve: Iterable[LayerChoice], target_recall: float) -> LayerChoice:
+    """The smallest tau reaching ``target_recall``; dense when none does."""
+    last = None
+    for point in curve:
+        if point.recall >= target_recall:
+            return point
+        last = point
+    if last is None:
+        raise ValueError("a layer curve needs at least one tau")
     # A layer is made dense only when no tau reaches the target, never for its density: that
     # falls with length, so a short calibration prompt would overstate it.
-    if last.recall < target_recall:
-        return LayerChoice(layer, None, last.recall, last.density)
-    return last
+    return replace(last, tau=None)
+
+
+def choose_for_density(curves: list[list[LayerChoice]], target_density: float) -> list[LayerChoice]:
+    """Every layer held to the highest common recall target (as ``choose_for_recall``) whose
+    mean density over the layers, a dense layer counting 1, is at most ``target_density``."""
+    targets = sorted({point.recall for curve in curves for point in curve}, reverse=True)
+    for target in targets:
+        choices = [choose_for_recall(curve, target) for curve in curves]
+        density = sum(c.served_density for c in choices) / len(choices)
+        if density <= target_density:
+            return choices
+    raise ConfigError(
+        f"target_density {target_density}: out of reach, the smallest tau tried gives mean "
+        f"density {density:.3f} (try smaller taus)"
+    )
 
 
 def calibrated_profile(choices: list[LayerChoice], config: UniSparseConfig) -> dict[str, Any]:
@@ -160,14 +189,19 @@ def calibrate(
     model_path: str,
     texts: list[str],
     *,
-    target_recall: float,
+    target_recall: float | None = None,
+    target_density: float | None = None,
     tokens: int,
     config: UniSparseConfig,
     taus: tuple[float, ...] = DEFAULT_TAUS,
     device: str = "cpu",
 ) -> tuple[dict[str, Any], list[LayerChoice], int]:
     """``(profile settings, per-layer choices, calibration tokens used)``; the model and
-    every measurement run on ``device``."""
+    every measurement run on ``device``. One target: ``target_recall`` or ``target_density``."""
+    if (target_recall is None) == (target_density is None):
+        raise ValueError("calibrate needs one of target_recall and target_density")
+    if not taus or not all(0 < tau <= 1 for tau in taus):
+        raise ConfigError(f"taus: each must be in (0, 1], got {list(taus)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -180,10 +214,14 @@ def calibrate(
         )
     # Measure every layer sparsely, whatever the prompt length and the profile's dense layers.
     measured = config.model_copy(update={"min_sparse_tokens": 0, "dense_layers": []})
-    choices = [
-        choose_layer_budget(q, k, layer, measured, target_recall, taus)
+    curves = [
+        layer_curve(q, k, layer, measured, taus)
         for layer, (q, k, _v) in enumerate(capture_qkv(model, ids))
     ]
+    if target_recall is not None:
+        choices = [choose_for_recall(curve, target_recall) for curve in curves]
+    else:
+        choices = choose_for_density([list(curve) for curve in curves], cast(float, target_density))
     return calibrated_profile(choices, config), choices, int(ids.shape[1])
 
 

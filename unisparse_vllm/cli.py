@@ -42,6 +42,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import DEFAULT_TAUS, calibrate, measuring_device, measuring_dtype, write_profile
 
     device = measuring_device(args.device)
+    if args.target_density is None:
+        args.target_recall = 0.95 if args.target_recall is None else args.target_recall
+        if not 0 <= args.target_recall <= 1:
+            raise ConfigError(f"--target-recall must be in [0, 1], got {args.target_recall}")
+    elif not 0 < args.target_density <= 1:
+        raise ConfigError(f"--target-density must be in (0, 1], got {args.target_density}")
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
     config = resolve_config(
         {
@@ -63,14 +69,23 @@ def _calibrate(args: argparse.Namespace) -> int:
         args.model,
         texts,
         target_recall=args.target_recall,
+        target_density=args.target_density,
         tokens=args.tokens,
         config=config,
         taus=tuple(args.taus) if args.taus else DEFAULT_TAUS,
         device=device,
     )
+    if args.target_density is None:
+        target = f"target mean attention-mass recall {args.target_recall}"
+    else:
+        sparse = [c.recall for c in choices if c.tau is not None]
+        density = sum(c.served_density for c in choices) / len(choices)
+        target = (
+            f"target mean density {args.target_density} over the layers (reached {density:.3f}, "
+            f"every sparse layer at mean recall >= {min(sparse, default=1.0):.3f})"
+        )
     header = (
-        f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), "
-        f"target mean attention-mass recall {args.target_recall}, "
+        f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), {target}, "
         f"model in {str(measuring_dtype(device)).removeprefix('torch.')} on {device}"
     )
     write_profile(settings, Path(args.out), choices, header)
@@ -113,7 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--model", required=True, help="a Hugging Face model folder")
     calibrate.add_argument("--text", nargs="+", required=True, help="calibration text files")
-    calibrate.add_argument("--target-recall", type=float, default=0.95)
+    target = calibrate.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-recall",
+        type=float,
+        help="mean share of the exact attention mass each layer keeps (default 0.95)",
+    )
+    target.add_argument(
+        "--target-density",
+        type=float,
+        help="instead: a compute budget, the mean density over the layers at --tokens; "
+        "every layer is held to the highest recall that fits",
+    )
     calibrate.add_argument("--tokens", type=int, default=4096)
     calibrate.add_argument("--block-size", type=int, default=128)
     calibrate.add_argument("--c-q", type=int, help="queries pooled (default: the profile's)")
