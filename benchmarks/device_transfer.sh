@@ -19,7 +19,9 @@
 #   (`install` copies this checkout to /tmp/src and installs that: start jobs from there)
 #   carry .gpu-run/gguf/part-NN (ten calls): bash benchmarks/device_transfer.sh gguf
 #   then polls that sleep on the device:  sleep 200; bash benchmarks/device_transfer.sh look
-#   (a machine is held 30 minutes at most: the last poll must end before that)
+#   (a machine is held 30 minutes at most: the last poll must end before that; and it is
+#   given back 30 s after a call: read what a poll brought back only after the last poll,
+#   or the jobs still running are lost, as in the twelfth session)
 # `look` tars /tmp/results and /tmp/logs into $OUT/res.tgz, so each poll brings back what
 # has finished. gpu_jobs.sh's convert waits for the ten GGUF parts.
 set -eu
