@@ -14,7 +14,7 @@
 #   carry .gpu-run/v/part-01:             bash benchmarks/device_transfer.sh vpart
 #   carry .gpu-run/v/part-02 .gpu-run/v/install.sh .gpu-run/v/NPARTS .gpu-run/v/SHA256SUMS:
 #       bash benchmarks/device_transfer.sh vpart install && (cd /tmp/src && RULER_SPEC=... \
-#       RULER_ONLY='a;b' RULER_LENGTHS=32768 RULER_SAMPLES=50 RULER_SEED=0 setsid nohup bash \
+#       RULER_ONLY='a;b' RULER_LENGTHS=32768 RULER_SAMPLES=50 RULER_SEED='0 50' setsid nohup bash \
 #       benchmarks/gpu_jobs.sh convert ruler > /tmp/logs/jobs.log 2>&1 < /dev/null &)
 #   (`install` copies this checkout to /tmp/src and installs that: start jobs from there)
 #   carry .gpu-run/gguf/part-NN (ten calls): bash benchmarks/device_transfer.sh gguf

@@ -7,7 +7,8 @@
 # JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
 # convert (waits for the Qwen2.5-Coder-0.5B GGUF's GGUF_PARTS parts, default 10, in /tmp/gguf
-# (benchmarks/device_transfer.sh carries them), makes /tmp/qwen05),
+# (benchmarks/device_transfer.sh carries them), makes /tmp/qwen05 once: jobs started side by
+# side can each begin with it),
 # ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B, real weights, essay prompts, with the shipped
 # calibrated profile too: where the host's work per layer shows;
 # TTFT_CHUNK tokens a step, default 16384; needs /tmp/data/essays),
@@ -20,7 +21,10 @@
 # shapes), ruler (eval_ruler on Qwen with the RULER_SPEC file; RULER_LENGTHS overrides its
 # lengths, e.g. one length per run so that each finished length is kept; RULER_SAMPLES and
 # RULER_SEED its samples per task and first seed: sample i uses seed + i, so RULER_SEED=25
-# RULER_SAMPLES=75 adds samples 25-99 to a 25-sample run; RULER_GPUS GPUs, RULER_PARALLEL
+# RULER_SAMPLES=75 adds samples 25-99 to a 25-sample run; several seeds, e.g. RULER_SEED='0 50'
+# with RULER_SAMPLES=50, run one after the other, each kept on its own, so that a machine
+# lost in the second half keeps the first (eval_ruler --combine joins them); RULER_GPUS GPUs,
+# RULER_PARALLEL
 # engines at once; RULER_ENGINE_ARGS, JSON, replaces the spec's engine_args: a fixed memory
 # share per engine lets two ruler jobs share one GPU; RULER_ONLY, config names separated by
 # ';', runs only those).
@@ -46,11 +50,13 @@ mkdir -p "$RESULTS" "$LOGS"
 cd "$(dirname "$0")/.."
 
 step() {
-    local name=$1
+    local name=$1 rc
     shift
     echo "$(date +%T) start $name"
     "$@" > "$LOGS/$name.log" 2>&1
-    echo "$(date +%T) end $name rc=$?"
+    rc=$?
+    echo "$(date +%T) end $name rc=$rc"
+    return $rc
 }
 
 for job in "$@"; do
@@ -70,8 +76,13 @@ for job in "$@"; do
             --out "$RESULTS/e2e_ttft.json" ;;
     convert)
         while [ "$(ls /tmp/gguf/part-* 2> /dev/null | wc -l)" -lt "$GGUF_PARTS" ]; do sleep 3; done
-        step convert bash -c "cat /tmp/gguf/part-* > /tmp/qwen.gguf && \
-            python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05" ;;
+        # Jobs side by side may each start with convert: one converts, the others wait for it.
+        (
+            flock 9
+            [ -e /tmp/qwen05.done ] || step convert bash -c "cat /tmp/gguf/part-* > /tmp/qwen.gguf \
+                && python3 benchmarks/prepare_model.py --gguf /tmp/qwen.gguf /tmp/qwen05" \
+                && touch /tmp/qwen05.done
+        ) 9> /tmp/convert.lock ;;
     ttft-qwen)
         cat /tmp/data/essays/*.txt > /tmp/essays.txt
         step ttft-qwen timeout 600 python3 benchmarks/e2e_vllm.py --skip tokens serve \
@@ -92,20 +103,23 @@ for job in "$@"; do
             --max-mix "$CALIB_MAX_MIX" --estimator "$CALIB_ESTIMATOR" \
             --device cuda --out "$RESULTS/qwen05-calibrated-$name.yaml" ;;
     ruler)
-        name="ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}${RULER_SEED:+_s$RULER_SEED}"
         only=()
         if [ -n "$RULER_ONLY" ]; then
             IFS=';' read -ra only <<< "$RULER_ONLY"
             only=(--only "${only[@]}")
         fi
-        # shellcheck disable=SC2086  # the lengths are words
-        step "$name" timeout 1700 python3 \
-            benchmarks/eval_ruler.py --spec "$RULER_SPEC" --model /tmp/qwen05 \
-            --haystack /tmp/data/essays --qa-data /tmp/data/qa \
-            ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
-            ${RULER_SEED:+--seed $RULER_SEED} "${only[@]}" \
-            ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} --parallel "$RULER_PARALLEL" \
-            --gpus "$RULER_GPUS" --out-dir "$RESULTS/$name" ;;
+        read -ra seeds <<< "$RULER_SEED"
+        for seed in "${seeds[@]:-}"; do
+            name="ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}${seed:+_s$seed}"
+            # shellcheck disable=SC2086  # the lengths are words
+            step "$name" timeout 1700 python3 \
+                benchmarks/eval_ruler.py --spec "$RULER_SPEC" --model /tmp/qwen05 \
+                --haystack /tmp/data/essays --qa-data /tmp/data/qa \
+                ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
+                ${seed:+--seed $seed} "${only[@]}" \
+                ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} \
+                --parallel "$RULER_PARALLEL" --gpus "$RULER_GPUS" --out-dir "$RESULTS/$name"
+        done ;;
     *)
         echo "unknown job $job" ;;
     esac
