@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -463,6 +464,34 @@ def paired_interval(
     return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
 
 
+def paired_ratios(
+    results: dict[str, list[dict]],
+    table: dict,
+    pairs: Sequence[Sequence[str]],
+    tasks: list[str],
+    lengths: list[int],
+) -> list[dict]:
+    """For each ``(a, b)`` and length: a's average as a percent of b's, with the paired 95%
+    interval (``paired_interval``, b the reference), so that two sparse configs compare on
+    the same prompts as each compares with dense."""
+    unknown = sorted({n for pair in pairs for n in pair} - set(table))
+    if unknown:
+        raise ValueError(f"--ratio: no config named {', '.join(map(repr, unknown))}")
+    ratios = []
+    for a, b in pairs:
+        for length in lengths:
+            base = table[b][length]["average"]
+            ratios.append(
+                {
+                    "configs": [a, b],
+                    "length": length,
+                    "ratio": 100.0 * table[a][length]["average"] / base if base else float("nan"),
+                    "ci": paired_interval(results[b], results[a], tasks, length),
+                }
+            )
+    return ratios
+
+
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
@@ -595,13 +624,23 @@ def report(
 ) -> None:
     """Summarize, print, and under ``--out-dir`` write ``results.json`` and the plot."""
     table = summarize(results, tasks, lengths)
+    try:
+        ratios = paired_ratios(results, table, args.ratio or [], tasks, lengths)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "results.json").write_text(
-            json.dumps({"args": run_args, "table": table, "records": results}, indent=1)
+            json.dumps(
+                {"args": run_args, "table": table, "ratios": ratios, "records": results}, indent=1
+            )
         )
         plot(table, lengths, args.out_dir / "accuracy.png")
     print_table(table, tasks, lengths)
+    for r in ratios:
+        a, b = r["configs"]
+        low, high = r["ci"]
+        print(f"{a} / {b}, {r['length']}: {r['ratio']:.1f}% [{low:.1f}-{high:.1f}] (paired)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict], dict]:
@@ -647,6 +686,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         metavar="N",
         help="--combine: keep the first N samples per task and length of every config (runs "
         "cut short: their partial.json files hold complete rounds)",
+    )
+    parser.add_argument(
+        "--ratio",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="also print config A's average as a percent of config B's, with the paired "
+        "interval (repeatable)",
     )
     parser.add_argument(
         "--combine",

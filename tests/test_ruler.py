@@ -214,6 +214,29 @@ def test_the_interval_narrows_with_more_samples_and_pairs_them() -> None:
     assert many[1] < 100.0 and many[1] - many[0] < few[1] - few[0]
 
 
+def test_two_sparse_configs_compare_on_the_same_prompts() -> None:
+    from eval_ruler import paired_ratios, parse_args, summarize
+
+    def records(scores: list[float]) -> list[dict]:
+        return [{"task": "vt", "length": 64, "score": s, "prediction": ""} for s in scores]
+
+    results = {
+        "dense": records([100.0] * 40),
+        "a": records([100.0] * 36 + [0.0] * 4),
+        "b": records([100.0] * 30 + [0.0] * 10),
+    }
+    table = summarize(results, ["vt"], [64])
+    (ratio,) = paired_ratios(results, table, [("a", "b")], ["vt"], [64])
+    assert ratio["configs"] == ["a", "b"] and ratio["length"] == 64
+    assert ratio["ratio"] == pytest.approx(100 * 90 / 75)
+    low, high = ratio["ci"]
+    assert 100.0 < low < ratio["ratio"] < high  # a keeps every answer b keeps, and more
+    with pytest.raises(ValueError, match="--ratio: no config named 'c'"):
+        paired_ratios(results, table, [("a", "c")], ["vt"], [64])
+    args, _, _ = parse_args(["--combine", "r.json", "--ratio", "a", "b", "--ratio", "b", "a"])
+    assert args.ratio == [["a", "b"], ["b", "a"]]
+
+
 def test_runs_combine_into_one_with_more_samples() -> None:
     from eval_ruler import combine, summarize
 
