@@ -146,13 +146,19 @@ def choose_for_recall(curve: Iterable[LayerChoice], target_recall: float) -> Lay
     return replace(last, tau=None)
 
 
+def mean_density(choices: list[LayerChoice]) -> float:
+    """What a profile costs: the mean over all layers of the share of causal blocks computed,
+    a dense layer counting 1."""
+    return sum(c.served_density for c in choices) / len(choices)
+
+
 def choose_for_density(curves: list[list[LayerChoice]], target_density: float) -> list[LayerChoice]:
     """Every layer held to the highest common recall target (as ``choose_for_recall``) whose
     mean density over the layers, a dense layer counting 1, is at most ``target_density``."""
     targets = sorted({point.recall for curve in curves for point in curve}, reverse=True)
     for target in targets:
         choices = [choose_for_recall(curve, target) for curve in curves]
-        density = sum(c.served_density for c in choices) / len(choices)
+        density = mean_density(choices)
         if density <= target_density:
             return choices
     raise ConfigError(

@@ -39,15 +39,23 @@ def _demo(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .calibrate import DEFAULT_TAUS, calibrate, measuring_device, measuring_dtype, write_profile
+    from .calibrate import (
+        DEFAULT_TAUS,
+        calibrate,
+        mean_density,
+        measuring_device,
+        measuring_dtype,
+        write_profile,
+    )
 
     device = measuring_device(args.device)
-    if args.target_density is None:
-        args.target_recall = 0.95 if args.target_recall is None else args.target_recall
-        if not 0 <= args.target_recall <= 1:
-            raise ConfigError(f"--target-recall must be in [0, 1], got {args.target_recall}")
-    elif not 0 < args.target_density <= 1:
-        raise ConfigError(f"--target-density must be in (0, 1], got {args.target_density}")
+    recall, density = args.target_recall, args.target_density
+    if density is None:
+        recall = 0.95 if recall is None else recall
+        if not 0 <= recall <= 1:
+            raise ConfigError(f"--target-recall must be in [0, 1], got {recall}")
+    elif not 0 < density <= 1:
+        raise ConfigError(f"--target-density must be in (0, 1], got {density}")
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
     config = resolve_config(
         {
@@ -68,21 +76,21 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings, choices, used = calibrate(
         args.model,
         texts,
-        target_recall=args.target_recall,
-        target_density=args.target_density,
+        target_recall=recall,
+        target_density=density,
         tokens=args.tokens,
         config=config,
         taus=tuple(args.taus) if args.taus else DEFAULT_TAUS,
         device=device,
     )
-    if args.target_density is None:
-        target = f"target mean attention-mass recall {args.target_recall}"
+    if density is None:
+        target = f"target mean attention-mass recall {recall}"
     else:
         sparse = [c.recall for c in choices if c.tau is not None]
-        density = sum(c.served_density for c in choices) / len(choices)
         target = (
-            f"target mean density {args.target_density} over the layers (reached {density:.3f}, "
-            f"every sparse layer at mean recall >= {min(sparse, default=1.0):.3f})"
+            f"target mean density {density} over the layers (reached "
+            f"{mean_density(choices):.3f}, every sparse layer at mean recall >= "
+            f"{min(sparse, default=1.0):.3f})"
         )
     header = (
         f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), {target}, "
