@@ -395,13 +395,10 @@ def summarize(results: dict[str, list[dict]], tasks: list[str], lengths: list[in
             }
         table[name] = per
     reference_name = next(iter(table))  # the first config, normally dense
-    reference = table[reference_name]
     for name, per in table.items():
         for length, row in per.items():
-            base = reference[length]["average"]
-            row["of_reference"] = 100.0 * row["average"] / base if base else float("nan")
-            row["of_reference_ci"] = paired_interval(
-                results[reference_name], results[name], tasks, length
+            row["of_reference"], row["of_reference_ci"] = percent_of(
+                results, table, name, reference_name, tasks, length
             )
             row["same_answer"] = same_answer_share(results[reference_name], results[name], length)
     return table
@@ -464,6 +461,16 @@ def paired_interval(
     return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
 
 
+def percent_of(
+    results: dict[str, list[dict]], table: dict, a: str, b: str, tasks: list[str], length: int
+) -> tuple[float, tuple[float, float]]:
+    """Config ``a``'s average as a percent of ``b``'s at ``length``, and its paired 95%
+    interval (``paired_interval``, ``b`` the reference)."""
+    base = table[b][length]["average"]
+    ratio = 100.0 * table[a][length]["average"] / base if base else float("nan")
+    return ratio, paired_interval(results[b], results[a], tasks, length)
+
+
 def paired_ratios(
     results: dict[str, list[dict]],
     table: dict,
@@ -471,8 +478,7 @@ def paired_ratios(
     tasks: list[str],
     lengths: list[int],
 ) -> list[dict]:
-    """For each ``(a, b)`` and length: a's average as a percent of b's, with the paired 95%
-    interval (``paired_interval``, b the reference), so that two sparse configs compare on
+    """``percent_of`` for each ``(a, b)`` and length, so that two sparse configs compare on
     the same prompts as each compares with dense."""
     unknown = sorted({n for pair in pairs for n in pair} - set(table))
     if unknown:
@@ -480,15 +486,8 @@ def paired_ratios(
     ratios = []
     for a, b in pairs:
         for length in lengths:
-            base = table[b][length]["average"]
-            ratios.append(
-                {
-                    "configs": [a, b],
-                    "length": length,
-                    "ratio": 100.0 * table[a][length]["average"] / base if base else float("nan"),
-                    "ci": paired_interval(results[b], results[a], tasks, length),
-                }
-            )
+            ratio, ci = percent_of(results, table, a, b, tasks, length)
+            ratios.append({"configs": [a, b], "length": length, "ratio": ratio, "ci": ci})
     return ratios
 
 
