@@ -310,6 +310,32 @@ def test_dense_above_density_falls_back(monkeypatch, threshold, expect_dense) ->
         assert counters.mean_density < 1.0
 
 
+def test_each_request_takes_the_budget_of_its_prompts_length_tier(monkeypatch) -> None:
+    """Layer 1 is dense for prompts under 400 tokens and sparse from there: a 300-token
+    prompt's step stays dense, a 300-token chunk of a longer prompt runs sparse."""
+    import dataclasses
+
+    from unisparse_vllm.backend.common import prefill_work
+    from unisparse_vllm.backend.stats import STATS
+
+    tier = {"min_prompt_tokens": 400, "layer_overrides": [{"layers": [1], "dense": False}]}
+    layer = _sparse_layer(monkeypatch, tau=0.5, dense_layers=[1], length_tiers=[tier])
+    kv_cache = torch.randn(20, 2, 16, 32)
+    chunk = prefill_work(
+        torch.tensor([0, 300]), torch.tensor([300]), torch.arange(20).view(1, 20), 0, 0
+    )
+    name = "model.layers.1.attn.tiers"
+    short, long = (dataclasses.replace(chunk, prompt_lens=(n,)) for n in (300, 1000))
+    assert [b.dense for b in layer.budgets(name, short)] == [True]
+    assert layer.is_dense(name, short) and not layer.is_dense(name, long)
+    query = torch.randn(300, 4 * 16)
+    output = torch.full_like(query, float("nan"))
+    layer.forward(name, query, kv_cache, long, output, run_dense=lambda: None)
+    assert not output.isnan().any()
+    assert STATS.layers[name].sparse_prefill_tokens == 300
+    assert STATS.layers[name].mean_density < 1.0
+
+
 def test_the_attention_that_runs_is_logged_once_with_why_not_fa3(monkeypatch) -> None:
     from unisparse_vllm.backend import common
 

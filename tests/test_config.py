@@ -52,6 +52,90 @@ def test_shipped_calibrated_profiles_load_by_name() -> None:
         resolve_config({"profile": "no-such-model"})
 
 
+def test_the_shipped_qwen_profile_serves_long_prompts_the_measured_density_budget() -> None:
+    """Its length tier is the calibration RULER measured at 32K (RESULTS.md section 4, twelfth
+    run); shorter prompts keep the recall-0.93 taus."""
+    import yaml
+
+    spec = (
+        Path(__file__).parents[1] / "benchmarks/ruler_specs/qwen05-calibrated-16k-density021.yaml"
+    )
+    budget = resolve_config(yaml.safe_load(spec.read_text()))
+    config = resolve_config({"profile": "qwen2.5-coder-0.5b-instruct"}, model_type="qwen2")
+    assert [config.tier_of(n) for n in (15600, 24575, 24576, 31500)] == [0, 0, 1, 1]
+    for layer in range(24):
+        base, long = config.tier_budgets(layer)
+        assert long == budget.for_layer(layer), f"layer {layer}"
+        assert base.tau >= long.tau
+    assert sum(b.tau > t.tau for b, t in map(config.tier_budgets, range(24))) == 16
+
+
+def test_length_tiers_change_the_budget_of_long_prompts() -> None:
+    config = resolve_config(
+        {
+            "tau": 0.9,
+            "layer_overrides": [{"layers": ["0-3"], "tau": 0.95}],
+            "length_tiers": [
+                {"min_prompt_tokens": 16384, "layer_overrides": [{"layers": [1], "tau": 0.8}]},
+                {
+                    "min_prompt_tokens": 32768,
+                    "layer_overrides": [{"layers": ["1-2"], "dense": True}],
+                },
+            ],
+        }
+    )
+    assert [config.tier_of(n) for n in (0, 16383, 16384, 32767, 32768, 10**6)] == [0, 0, 1, 1, 2, 2]
+    assert [(b.tau, b.dense) for b in config.tier_budgets(1)] == [
+        (0.95, False),
+        (0.8, False),
+        (0.8, True),
+    ]
+    assert [(b.tau, b.dense) for b in config.tier_budgets(2)] == [
+        (0.95, False),
+        (0.95, False),
+        (0.95, True),
+    ]
+    assert config.for_layer(1, 20000) == config.tier_budgets(1)[1]
+    assert config.for_layer(5, 10**6) == config.for_layer(5)  # no tier touches layer 5
+
+
+@pytest.mark.parametrize(
+    "tiers,message",
+    [
+        (
+            [
+                {"min_prompt_tokens": 32768, "layer_overrides": [{"layers": [0], "tau": 0.8}]},
+                {"min_prompt_tokens": 16384, "layer_overrides": [{"layers": [0], "tau": 0.7}]},
+            ],
+            r"length_tiers = .*min_prompt_tokens must increase .*\[32768, 16384\]",
+        ),
+        (
+            [{"min_prompt_tokens": 0, "layer_overrides": [{"layers": [0], "tau": 0.8}]}],
+            r"length_tiers\.0\.min_prompt_tokens = 0",
+        ),
+        ([{"min_prompt_tokens": 100, "layer_overrides": []}], r"length_tiers\.0\.layer_overrides"),
+        (
+            [{"min_prompt_tokens": 100, "layer_overrides": [{"layers": [0], "tau": 2}]}],
+            r"length_tiers\.0\.layer_overrides\.0\.tau = 2",
+        ),
+        ([{"min_prompt_tokens": 100, "tau": 0.8}], r"length_tiers\.0\.layer_overrides"),
+    ],
+)
+def test_bad_length_tiers_are_named(tiers: list, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"length_tiers": tiers})
+
+
+def test_a_tier_that_breaks_a_layer_budget_is_named() -> None:
+    tier = {"min_prompt_tokens": 100, "layer_overrides": [{"layers": [0], "max_blocks": 1}]}
+    config = resolve_config({"length_tiers": [tier]})
+    assert config.for_layer(0).max_blocks is None
+    with pytest.raises(
+        ConfigError, match=r"length_tiers \(prompts of >= 100 tokens\).*max_blocks=1"
+    ):
+        config.tier_budgets(0)
+
+
 @pytest.mark.parametrize(
     "kwargs,expected",
     [

@@ -321,3 +321,32 @@ def test_every_chunk_of_a_long_prompt_is_sparse_and_only_its_end_is_dense() -> N
     first_chunk = plan_prefill(query, kv, batch, config, budget, scale=0.25, prompt_lens=(1024,))
     assert (first_chunk.counts[:, -1] < 4).all()  # its last block is sparse, no dense tail
     assert first_chunk.density() < 1.0
+
+
+def test_each_request_is_planned_with_its_own_budget() -> None:
+    """Per-request budgets (length tiers): a batch's plan holds, row for row, what each
+    request planned alone with its budget holds, a dense budget included."""
+    query, kv, batch = random_batch([300, 200, 250], [0, 100, 0], 4, 2, 16, seed=5)
+    config = _config()
+    low, high = (config.for_layer(0).model_copy(update={"tau": t}) for t in (0.3, 0.9))
+    dense = config.for_layer(0).model_copy(update={"dense": True})
+    plan = plan_prefill(query, kv, batch, config, (low, high, dense), scale=0.25)
+    for r, budget in enumerate((low, high, dense)):
+        alone = plan_prefill(
+            query[batch.query_slice(r)],
+            ContiguousKV(kv.keys, kv.values, (kv.seq_start[r],)),
+            PrefillBatch.from_lens([batch.query_lens[r]], [batch.context_lens[r]]),
+            config,
+            budget,
+            scale=0.25,
+        )
+        rows = plan.row_request == r
+        assert torch.equal(plan.counts[:, rows], alone.counts)
+        assert torch.equal(plan.indices[:, rows, : alone.indices.shape[2]], alone.indices)
+    causal = (plan.row_block + 1)[None].expand_as(plan.counts)
+    counts = [plan.counts[:, plan.row_request == r] for r in range(3)]
+    assert (counts[0] < causal[:, plan.row_request == 0]).any()  # tau 0.3 is sparse
+    assert counts[0].sum() < counts[1].sum()  # tau 0.9 takes more
+    assert torch.equal(counts[2], causal[:, plan.row_request == 2])  # dense
+    with pytest.raises(ValueError, match="2 budgets for a batch of 3 requests"):
+        plan_prefill(query, kv, batch, config, (low, high), scale=0.25)

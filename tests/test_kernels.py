@@ -105,10 +105,12 @@ def test_block_mass_kernel_matches_reference(case) -> None:
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("page", [8, 16, 128])
-def test_plan_through_the_fused_estimator_matches_the_reference_plan(page: int) -> None:
+@pytest.mark.parametrize("page,per_request", [(8, False), (16, False), (128, False), (16, True)])
+def test_plan_through_the_fused_estimator_matches_the_reference_plan(
+    page: int, per_request: bool
+) -> None:
     """Request 0's chunk is the start of a longer prompt: its rows have no dense tail, request
-    1's end theirs."""
+    1's end theirs. ``per_request``: each request with its own budget (length tiers)."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     query, kv, batch = random_batch(
         [260 * SCALE, 130 * SCALE], [0, 70 * SCALE], 4, 2, 32, dtype=torch.float32, seed=seed
@@ -121,6 +123,8 @@ def test_plan_through_the_fused_estimator_matches_the_reference_plan(page: int) 
     config = resolve_config({"block_size": 64, "tau": 0.7, "min_sparse_tokens": 0})
     prompts = (batch.seq_lens[0] + 500, batch.seq_lens[1])
     budget = config.for_layer(0)
+    if per_request:
+        budget = (budget, budget.model_copy(update={"tau": 0.4}))
     fused, reference = (
         plan(query, paged, batch, config, budget, scale=0.2, prompt_lens=prompts)
         for plan in (kernels.plan_prefill, plan_prefill)

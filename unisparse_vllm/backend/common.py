@@ -47,6 +47,11 @@ class PrefillWork:
     long_prefill_tokens: int
 
     @property
+    def prompt_ends(self) -> tuple[int, ...]:
+        """Each request's prompt length, or its chunk's end where that is not known."""
+        return self.prompt_lens or self.batch.seq_lens
+
+    @property
     def token_slice(self) -> slice:
         return slice(self.first_token, self.first_token + self.batch.num_tokens)
 
@@ -78,7 +83,7 @@ def prefill_work(
     if not query_lens:
         return None
     prompt_lens = compat.prompt_lengths(first_request, query_lens, seq_lens)
-    ends = prompt_lens or seq_lens  # what min_sparse_tokens compares: the prompt, or the chunk
+    ends = prompt_lens or seq_lens  # as PrefillWork.prompt_ends
     context_lens = [s - n for s, n in zip(seq_lens, query_lens, strict=True)]
     prefills = [(n, e) for n, e in zip(query_lens, ends, strict=True) if n > 1]
     return PrefillWork(
@@ -134,7 +139,7 @@ def warm_up_sparse_kernels(
     config = engine_config()
     model_config = vllm_config.model_config
     num_heads = model_config.get_num_attention_heads(vllm_config.parallel_config)
-    budgets = [config.for_layer(layer_index(name)) for name in layer_names]
+    budgets = [b for name in layer_names for b in config.tier_budgets(layer_index(name))]
     key = (
         str(device),  # Triton keeps its compiled kernels per device
         num_heads,
@@ -181,8 +186,8 @@ def warm_up_sparse_kernels(
 
 class SparsePrefillLayer:
     """One attention layer's UniSparse prefill. Built in the impl's ``__init__`` (a bad config
-    stops start-up there); the layer's budget is resolved on its first forward, when vLLM
-    tells the layer's name, and kept."""
+    stops start-up there); the layer's budgets (one per length tier) are resolved on its
+    first forward, when vLLM tells the layer's name, and kept."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> None:
         self.config = engine_config()
@@ -191,18 +196,23 @@ class SparsePrefillLayer:
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
-        self._budgets: dict[str, LayerBudget] = {}
+        self._budgets: dict[str, tuple[LayerBudget, ...]] = {}
 
-    def budget(self, layer_name: str) -> LayerBudget:
-        budget = self._budgets.get(layer_name)
-        if budget is None:
-            budget = self.config.for_layer(layer_index(layer_name))
-            self._budgets[layer_name] = budget
-        return budget
+    def budgets(self, layer_name: str, work: PrefillWork) -> tuple[LayerBudget, ...]:
+        """The layer's budget for each request of ``work``, by its prompt's length tier."""
+        tiers = self._budgets.get(layer_name)
+        if tiers is None:
+            tiers = self.config.tier_budgets(layer_index(layer_name))
+            self._budgets[layer_name] = tiers
+        return tuple(tiers[self.config.tier_of(end)] for end in work.prompt_ends)
 
     def is_dense(self, layer_name: str, work: PrefillWork) -> bool:
-        """Nothing to estimate: a dense layer, or no request long enough."""
-        return work.long_requests == 0 or self.budget(layer_name).dense
+        """Nothing to estimate: no request long enough, or the layer is dense for each."""
+        long_enough = self.config.min_sparse_tokens
+        return all(
+            budget.dense or end < long_enough
+            for budget, end in zip(self.budgets(layer_name, work), work.prompt_ends, strict=True)
+        )
 
     def forward(
         self,
@@ -220,7 +230,7 @@ class SparsePrefillLayer:
         rows = work.token_slice
         q = query[rows].view(-1, self.num_heads, self.head_size)
         out = output[rows].view(-1, self.num_heads, self.head_size)
-        budget = self.budget(layer_name)
+        budgets = self.budgets(layer_name, work)
         selected: int | Tensor = 0
         causal = 0
         try:
@@ -229,7 +239,7 @@ class SparsePrefillLayer:
                 kv,
                 work.batch,
                 self.config,
-                budget,
+                budgets,
                 scale=self.scale,
                 prompt_lens=work.prompt_lens,
             )

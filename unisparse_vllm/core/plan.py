@@ -5,6 +5,7 @@ flattened over the rows of a varlen batch."""
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -177,6 +178,7 @@ class StepRows:
     row_block: Tensor
     dense: Tensor
     estimated: tuple[bool, ...]
+    rows_per_request: tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=16)
@@ -198,19 +200,46 @@ def step_rows(
     prompt is sparse, however the scheduler cut it), and the last ``dense_tail_blocks`` query
     blocks before ``prompt_ends[r]``."""
     row_request, row_block = request_rows(batch, block_size)
-    estimated, dense = [], []
+    estimated, dense, counts = [], [], []
     for r, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens, strict=True)):
         tail_start = num_key_blocks(prompt_ends[r], block_size) - dense_tail_blocks
         # A single query token is a decode step: it stays dense (spec section 5).
         request_dense = n == 1 or prompt_ends[r] < min_sparse_tokens
         estimated.append(not request_dense)
-        dense += [request_dense or i >= tail_start for i in query_block_range(c, n, block_size)]
+        blocks = query_block_range(c, n, block_size)
+        dense += [request_dense or i >= tail_start for i in blocks]
+        counts.append(len(blocks))
     return StepRows(
         row_request.to(device),
         row_block.to(device),
         torch.tensor(dense, device=device),
         tuple(estimated),
+        tuple(counts),
     )
+
+
+def select_per_budget(
+    selector: Selector,
+    mass: Tensor,
+    rows: StepRows,
+    budgets: tuple[LayerBudget, ...],
+    dense: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``selector`` over the rows of each request with that request's budget: one call when
+    the requests share one (the usual step), else one call per distinct budget."""
+    distinct = dict.fromkeys(budgets)
+    if len(distinct) == 1:
+        return selector(mass, rows.row_block, budgets[0], dense)
+    counts = torch.empty(mass.shape[:2], dtype=torch.int32, device=mass.device)
+    indices = torch.empty(mass.shape, dtype=torch.int32, device=mass.device)
+    starts = [0, *itertools.accumulate(rows.rows_per_request)]
+    for budget in distinct:
+        taken = [
+            torch.arange(starts[r], starts[r + 1]) for r, b in enumerate(budgets) if b == budget
+        ]
+        at = torch.cat(taken).to(mass.device)
+        counts[:, at], indices[:, at] = selector(mass[:, at], rows.row_block[at], budget, dense[at])
+    return counts, indices
 
 
 def plan_prefill(
@@ -218,7 +247,7 @@ def plan_prefill(
     kv: KVSource,
     batch: PrefillBatch,
     config: UniSparseConfig,
-    budget: LayerBudget,
+    budget: LayerBudget | Sequence[LayerBudget],
     *,
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
@@ -226,7 +255,8 @@ def plan_prefill(
     selector: Selector = select_blocks,
 ) -> BlockPlan:
     """Estimate block mass (``estimator``, default: ``config.estimator``'s reference) and
-    select blocks (``selector``) for a whole prefill batch.
+    select blocks (``selector``) for a whole prefill batch, with ``budget`` for every
+    request or, a sequence, one per request (``config.length_tiers``).
 
     ``prompt_lens[r]`` is request ``r``'s prompt length where the caller knows it (vLLM's
     attention metadata does not carry it; ``backend.compat.prompt_lengths`` reads it from
@@ -249,14 +279,26 @@ def plan_prefill(
         prompt_lens or batch.seq_lens,
         query.device,
     )
-    estimated = [e and not budget.dense for e in rows.estimated]
-    dense = torch.ones_like(rows.dense) if budget.dense else rows.dense
+    budgets = (budget,) * batch.num_requests if isinstance(budget, LayerBudget) else tuple(budget)
+    if len(budgets) != batch.num_requests:
+        raise ValueError(
+            f"budget: {len(budgets)} budgets for a batch of {batch.num_requests} requests"
+        )
+    estimated = [e and not b.dense for e, b in zip(rows.estimated, budgets, strict=True)]
+    dense_requests = [b.dense for b in budgets]
+    if all(dense_requests):
+        dense = torch.ones_like(rows.dense)
+    elif any(dense_requests):
+        by_row = torch.tensor(dense_requests).repeat_interleave(torch.tensor(rows.rows_per_request))
+        dense = rows.dense | by_row.to(rows.dense.device)
+    else:
+        dense = rows.dense
     if any(estimated):
         mass = estimator(query, kv, batch, estimated, config=config, c_h=c_h, scale=scale)
     else:
         width = max(num_key_blocks(s, block_size) for s in batch.seq_lens)
         mass = query.new_zeros(query.shape[1] // c_h, len(dense), width, dtype=torch.float32)
-    counts, indices = selector(mass, rows.row_block, budget, dense)
+    counts, indices = select_per_budget(selector, mass, rows, budgets, dense)
     return BlockPlan(
         block_size=block_size,
         heads_per_selection=c_h,

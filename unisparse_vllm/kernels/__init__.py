@@ -11,6 +11,7 @@ core reference elsewhere), ``flash`` (FA3 attention or an error saying why not),
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -51,7 +52,7 @@ def plan_prefill(
     kv: KVSource,
     batch: PrefillBatch,
     config: UniSparseConfig,
-    budget: LayerBudget,
+    budget: LayerBudget | Sequence[LayerBudget],
     *,
     scale: float,
     prompt_lens: tuple[int, ...] | None = None,
