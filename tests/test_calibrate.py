@@ -253,3 +253,56 @@ def test_the_calibration_device_is_checked_and_passed_on(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*argv, "--device", "cuda:1"]) == 2
     assert "--device cuda:1: no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_a_calibration_becomes_a_length_tier_of_a_profile(
+    tiny: Path, text: Path, tmp_path: Path
+) -> None:
+    """--tier-of: shorter prompts keep the base's budgets, longer ones take exactly what the
+    same calibration alone would have written; the base's comment lines stay."""
+    base_file = tmp_path / "base.yaml"
+    _calibrate(tiny, text, base_file, 0.95, ("0.05", "0.5", "0.95"))
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    argv += ["--block-size", "64", "--c-q", "8", "--c-k", "8", "--target-density", "0.8"]
+    argv += ["--taus", "0.05", "0.5", "0.95"]
+    alone, tiered = tmp_path / "alone.yaml", tmp_path / "tiered.yaml"
+    assert main([*argv, "--out", str(alone)]) == 0
+    tier = ["--tier-of", str(base_file), "--min-prompt-tokens", "4096"]
+    assert main([*argv, *tier, "--out", str(tiered)]) == 0
+
+    base, long, config = (resolve_config(file=f) for f in (base_file, alone, tiered))
+    assert [t.min_prompt_tokens for t in config.length_tiers] == [4096]
+    assert config.length_tiers[0].layer_overrides, "the budget changes no layer"
+    for layer in range(3):
+        assert config.tier_budgets(layer) == (base.for_layer(layer), long.for_layer(layer))
+    comments = [line for line in base_file.read_text().splitlines() if line.startswith("#")]
+    lines = tiered.read_text().splitlines()
+    assert lines[: len(comments)] == comments
+    assert lines[len(comments)].startswith("# length tier from 4096 prompt tokens: unisparse")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--c-q", "4"], "the base profile has c_q = 8, this calibration 4"),
+        (["--c-q", "8", "--min-prompt-tokens", "100"], "must exceed the base profile's last"),
+        (["--c-q", "8", "--min-prompt-tokens", "0"], "--min-prompt-tokens must be >= 1, got 0"),
+        (["--c-q", "8", "--tier-of", "x.yaml"], "--tier-of and --min-prompt-tokens go together"),
+    ],
+)
+def test_a_tier_that_cannot_join_its_base_is_refused_before_calibrating(
+    tiny: Path, text: Path, tmp_path: Path, capsys, monkeypatch, extra: list[str], message: str
+) -> None:
+    from unisparse_vllm import calibrate
+
+    base = tmp_path / "base.yaml"
+    tier = {"min_prompt_tokens": 1000, "layer_overrides": [{"layers": [0], "tau": 0.5}]}
+    base.write_text(yaml.safe_dump({"block_size": 64, "c_q": 8, "c_k": 8, "length_tiers": [tier]}))
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--block-size", "64"]
+    argv += ["--c-k", "8", "--target-density", "0.8", "--out", str(tmp_path / "p.yaml")]
+    if "--tier-of" not in extra:
+        argv += ["--tier-of", str(base)]
+        argv += [] if "--min-prompt-tokens" in extra else ["--min-prompt-tokens", "2000"]
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -231,14 +231,79 @@ def calibrate(
     return calibrated_profile(choices, config), choices, int(ids.shape[1])
 
 
-def write_profile(
-    settings: dict[str, Any], path: Path, choices: list[LayerChoice], header: str
+# What a calibration's recall depends on besides the taus: a length tier may not change it.
+MEASURED_WITH = (
+    "estimator",
+    "block_size",
+    "c_q",
+    "c_k",
+    "c_h",
+    "max_mix",
+    "sink_blocks",
+    "local_blocks",
+)
+
+
+def check_length_tier(
+    base_config: UniSparseConfig, calibrated: UniSparseConfig, min_prompt_tokens: int
 ) -> None:
-    """The profile YAML, with one comment line per layer saying what was measured."""
+    """Whether ``calibrated``'s budgets can be a length tier of ``base_config`` from
+    ``min_prompt_tokens`` on (call before calibrating: the error comes before the cost)."""
+    for name in MEASURED_WITH:
+        ours, theirs = getattr(base_config, name), getattr(calibrated, name)
+        if ours != theirs:
+            raise ConfigError(
+                f"--tier-of: the base profile has {name} = {ours!r}, this calibration "
+                f"{theirs!r}; a length tier changes budgets, not what they were measured with"
+            )
+    starts = [t.min_prompt_tokens for t in base_config.length_tiers]
+    if starts and min_prompt_tokens <= starts[-1]:
+        raise ConfigError(
+            f"--min-prompt-tokens {min_prompt_tokens}: must exceed the base profile's last "
+            f"length tier ({starts[-1]})"
+        )
+
+
+def with_length_tier(
+    base: dict[str, Any],
+    base_config: UniSparseConfig,
+    calibrated: UniSparseConfig,
+    min_prompt_tokens: int,
+    num_layers: int,
+) -> dict[str, Any]:
+    """``base`` (a profile's settings, resolving to ``base_config``) plus a length tier from
+    ``min_prompt_tokens`` on that gives every layer ``calibrated``'s budget: one override per
+    layer whose budget differs there (a layer made dense: ``dense: true``)."""
+    check_length_tier(base_config, calibrated, min_prompt_tokens)
+    overrides = []
+    for layer in range(num_layers):
+        before = base_config.for_layer(layer, min_prompt_tokens)
+        wanted = calibrated.for_layer(layer)
+        changes = {
+            name: value
+            for name, value in wanted.model_dump().items()
+            if value != getattr(before, name)
+        }
+        if changes:
+            overrides.append({"layers": [layer], **changes})
+    tier = {"min_prompt_tokens": min_prompt_tokens, "layer_overrides": overrides}
+    return {**base, "length_tiers": [*base.get("length_tiers", []), tier]}
+
+
+def write_profile(
+    settings: dict[str, Any],
+    path: Path,
+    choices: list[LayerChoice],
+    header: str,
+    preamble: str = "",
+) -> None:
+    """The profile YAML, with one comment line per layer saying what was measured, after
+    ``preamble`` (comment lines: a base profile's, under ``--tier-of``)."""
     lines = [f"# {header}"]
     lines += [
         f"#   layer {c.layer}: {'dense' if c.tau is None else f'tau {c.tau}'}"
         f" (mean recall {c.recall:.3f}, density {c.density:.3f})"
         for c in choices
     ]
-    path.write_text("\n".join(lines) + "\n" + yaml.safe_dump(settings, sort_keys=False))
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(settings, sort_keys=False)
+    path.write_text(preamble + text)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import typing
 
 import yaml
 
-from .config import ConfigError, UniSparseConfig, resolve_config
+from .config import ConfigError, UniSparseConfig, profile_file, read_mapping, resolve_config
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -42,12 +43,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import (
         DEFAULT_TAUS,
         calibrate,
+        check_length_tier,
         mean_density,
         measuring_device,
         measuring_dtype,
+        with_length_tier,
         write_profile,
     )
 
+    if (args.tier_of is None) != (args.min_prompt_tokens is None):
+        raise ConfigError("--tier-of and --min-prompt-tokens go together")
+    if args.min_prompt_tokens is not None and args.min_prompt_tokens < 1:
+        raise ConfigError(f"--min-prompt-tokens must be >= 1, got {args.min_prompt_tokens}")
     device = measuring_device(args.device)
     recall, density = args.target_recall, args.target_density
     if density is None:
@@ -73,6 +80,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         model_type=_model_type(args.model),
         model_name=args.model,
     )
+    if args.tier_of is not None:
+        base_config = resolve_config(
+            file=args.tier_of, model_type=_model_type(args.model), model_name=args.model
+        )
+        check_length_tier(base_config, config, args.min_prompt_tokens)
     settings, choices, used = calibrate(
         args.model,
         texts,
@@ -96,11 +108,29 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), {target}, "
         f"model in {str(measuring_dtype(device)).removeprefix('torch.')} on {device}"
     )
-    write_profile(settings, Path(args.out), choices, header)
+    preamble = ""
+    if args.tier_of is not None:
+        calibrated = UniSparseConfig.model_validate({**config.model_dump(), **settings})
+        settings = with_length_tier(
+            read_mapping(args.tier_of),
+            base_config,
+            calibrated,
+            args.min_prompt_tokens,
+            len(choices),
+        )
+        # The base's comment lines (what it was measured with) stay above the tier's.
+        lines = profile_file(args.tier_of).read_text().splitlines()
+        preamble = "".join(f"{line}\n" for line in itertools.takewhile(_is_comment, lines))
+        header = f"length tier from {args.min_prompt_tokens} prompt tokens: {header}"
+    write_profile(settings, Path(args.out), choices, header, preamble)
     resolve_config(file=args.out)  # what we wrote must load
     dense = sum(c.tau is None for c in choices)
     print(f"{args.out}: {len(choices)} layers, {dense} dense")
     return 0
+
+
+def _is_comment(line: str) -> bool:
+    return line.startswith("#")
 
 
 def _model_type(model: str) -> str | None:
@@ -177,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the model and the measurements run: auto (a GPU if there is one), cpu, "
         "cuda or cuda:N",
     )
+    calibrate.add_argument(
+        "--tier-of",
+        metavar="PROFILE",
+        help="write PROFILE (a file or a shipped profile's name) with this calibration as a "
+        "length tier for prompts of at least --min-prompt-tokens",
+    )
+    calibrate.add_argument("--min-prompt-tokens", type=int, help="where --tier-of's tier starts")
     calibrate.add_argument("--out", required=True)
     calibrate.set_defaults(run=_calibrate)
     return parser

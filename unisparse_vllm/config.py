@@ -304,9 +304,8 @@ def calibrated_profiles() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file holding one mapping, or a shipped calibrated profile's name;
-    errors name the file."""
+def profile_file(path: str | Path) -> Path:
+    """A profile file, or a shipped calibrated profile's name, as the file it names."""
     file = Path(path)
     if not file.is_file() and str(path) in calibrated_profiles():
         file = calibrated_profiles()[str(path)]
@@ -316,6 +315,13 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
             f"UniSparse profile file {str(file)!r} does not exist "
             f"(nor is it a shipped calibrated profile: {shipped})"
         )
+    return file
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file holding one mapping, or a shipped calibrated profile's name;
+    errors name the file."""
+    file = profile_file(path)
     text = file.read_text()
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
