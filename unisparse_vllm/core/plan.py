@@ -218,6 +218,15 @@ def step_rows(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def rows_of_requests(
+    rows_per_request: tuple[int, ...], requests: tuple[int, ...], device: torch.device
+) -> Tensor:
+    """The row indices of ``requests``: cached, since a step's layers ask for the same ones."""
+    starts = [0, *itertools.accumulate(rows_per_request)]
+    return torch.cat([torch.arange(starts[r], starts[r + 1]) for r in requests]).to(device)
+
+
 def select_per_budget(
     selector: Selector,
     mass: Tensor,
@@ -232,12 +241,9 @@ def select_per_budget(
         return selector(mass, rows.row_block, budgets[0], dense)
     counts = torch.empty(mass.shape[:2], dtype=torch.int32, device=mass.device)
     indices = torch.empty(mass.shape, dtype=torch.int32, device=mass.device)
-    starts = [0, *itertools.accumulate(rows.rows_per_request)]
     for budget in distinct:
-        taken = [
-            torch.arange(starts[r], starts[r + 1]) for r, b in enumerate(budgets) if b == budget
-        ]
-        at = torch.cat(taken).to(mass.device)
+        requests = tuple(r for r, b in enumerate(budgets) if b == budget)
+        at = rows_of_requests(rows.rows_per_request, requests, mass.device)
         counts[:, at], indices[:, at] = selector(mass[:, at], rows.row_block[at], budget, dense[at])
     return counts, indices
 
@@ -285,12 +291,12 @@ def plan_prefill(
             f"budget: {len(budgets)} budgets for a batch of {batch.num_requests} requests"
         )
     estimated = [e and not b.dense for e, b in zip(rows.estimated, budgets, strict=True)]
-    dense_requests = [b.dense for b in budgets]
-    if all(dense_requests):
+    dense_requests = tuple(r for r, b in enumerate(budgets) if b.dense)
+    if len(dense_requests) == len(budgets):
         dense = torch.ones_like(rows.dense)
-    elif any(dense_requests):
-        by_row = torch.tensor(dense_requests).repeat_interleave(torch.tensor(rows.rows_per_request))
-        dense = rows.dense | by_row.to(rows.dense.device)
+    elif dense_requests:
+        dense = rows.dense.clone()
+        dense[rows_of_requests(rows.rows_per_request, dense_requests, dense.device)] = True
     else:
         dense = rows.dense
     if any(estimated):
