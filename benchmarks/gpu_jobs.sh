@@ -23,7 +23,9 @@
 # RULER_SEED its samples per task and first seed: sample i uses seed + i, so RULER_SEED=25
 # RULER_SAMPLES=75 adds samples 25-99 to a 25-sample run; several seeds, e.g. RULER_SEED='0 50'
 # with RULER_SAMPLES=50, run one after the other, each kept on its own, so that a machine
-# lost in the second half keeps the first (eval_ruler --combine joins them); RULER_GPUS GPUs,
+# lost in the second half keeps the first (eval_ruler --combine joins them), or side by side
+# with RULER_SIDE_BY_SIDE=1 (a 0.5B model's engines leave the GPU idle much of the time: the
+# twelfth run's 8 engines at once finished sooner than halves in turn); RULER_GPUS GPUs,
 # RULER_PARALLEL
 # engines at once; RULER_ENGINE_ARGS, JSON, replaces the spec's engine_args: a fixed memory
 # share per engine lets two ruler jobs share one GPU; RULER_ONLY, config names separated by
@@ -41,7 +43,7 @@ RESULTS=/tmp/results LOGS=/tmp/logs
 GGUF_PARTS=${GGUF_PARTS:-10}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
-RULER_ONLY=${RULER_ONLY:-}
+RULER_ONLY=${RULER_ONLY:-} RULER_SIDE_BY_SIDE=${RULER_SIDE_BY_SIDE:-0}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 TTFT_CHUNK=${TTFT_CHUNK:-16384} CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
 CALIB_ESTIMATOR=${CALIB_ESTIMATOR:-unisparse} CALIB_C_K=${CALIB_C_K:-16} CALIB_MAX_MIX=${CALIB_MAX_MIX:-0.0}
@@ -118,8 +120,10 @@ for job in "$@"; do
                 ${RULER_LENGTHS:+--lengths $RULER_LENGTHS} ${RULER_SAMPLES:+--samples $RULER_SAMPLES} \
                 ${seed:+--seed $seed} "${only[@]}" \
                 ${RULER_ENGINE_ARGS:+--engine-args "$RULER_ENGINE_ARGS"} \
-                --parallel "$RULER_PARALLEL" --gpus "$RULER_GPUS" --out-dir "$RESULTS/$name"
-        done ;;
+                --parallel "$RULER_PARALLEL" --gpus "$RULER_GPUS" --out-dir "$RESULTS/$name" &
+            [ "$RULER_SIDE_BY_SIDE" = 1 ] || wait $!
+        done
+        wait ;;
     *)
         echo "unknown job $job" ;;
     esac
