@@ -78,7 +78,7 @@ def test_prefill_work_routes_by_the_prompt_length_the_runner_tells(monkeypatch, 
     step = _runner_noting_steps(monkeypatch, version, [20, 8, 40, 7], [29, 8, 11, 0])
     work = step(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 10)
     assert work is not None and work.prompt_lens == (40, 7)
-    assert work.long_requests == 1 and work.long_prefill_tokens == 5
+    assert work.long_requests == 1 and work.long_prefill_tokens == (5, 0)
     no_tail = step(query_start, seq_lens, torch.arange(16).view(4, 4), 2, 30)
     assert no_tail is not None and no_tail.long_requests == 1  # 40 >= 30; the chunk's 16 is not
     said: list[str] = []
@@ -334,6 +334,16 @@ def test_each_request_takes_the_budget_of_its_prompts_length_tier(monkeypatch) -
     assert not output.isnan().any()
     assert STATS.layers[name].sparse_prefill_tokens == 300
     assert STATS.layers[name].mean_density < 1.0
+    # One step with both: the long prompt's rows sparse, the short one's dense, and counted so.
+    both = prefill_work(
+        torch.tensor([0, 300, 400]), torch.tensor([300, 100]), torch.arange(40).view(2, 20), 0, 0
+    )
+    both = dataclasses.replace(both, prompt_lens=(1000, 100))
+    query = torch.randn(400, 4 * 16)
+    mixed = "model.layers.1.attn.tiers_mixed"
+    layer.forward(mixed, query, torch.randn(40, 2, 16, 32), both, query.clone(), lambda: None)
+    counters = STATS.layers[mixed]
+    assert (counters.sparse_prefill_tokens, counters.dense_prefill_tokens) == (300, 100)
 
 
 def test_the_attention_that_runs_is_logged_once_with_why_not_fa3(monkeypatch) -> None:

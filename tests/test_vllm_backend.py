@@ -108,6 +108,20 @@ def test_every_chunk_of_a_long_prompt_runs_sparse(tiny_model: Path) -> None:
         assert layer["sparse_prefill_tokens"] == prompt_tokens
 
 
+def test_a_length_tier_serves_each_prompt_by_its_length(tiny_model: Path) -> None:
+    """Layer 1 dense under 256 prompt tokens and sparse from there, in one batch of a short
+    and a long prompt, prefilled in 64-token steps: layer 1 runs the long prompt's every
+    token sparse (its first chunks too) and none of the short one's; layer 0 runs both."""
+    tier = {"min_prompt_tokens": 256, "layer_overrides": [{"layers": [1], "dense": False}]}
+    config = {**SPARSE_ON, "dense_layers": [1], "length_tiers": [tier]}
+    sparse = offline(tiny_model, "unisparse", config, "--prompts", "0", "3", "--no-prefix-caching")
+    short, long = sparse["prompt_tokens"]
+    assert short < 256 <= long
+    layers = sparse["stats"]
+    assert layers["model.layers.0.self_attn.attn"]["sparse_prefill_tokens"] == short + long
+    assert layers["model.layers.1.self_attn.attn"]["sparse_prefill_tokens"] == long
+
+
 def test_the_runner_rows_compat_reads_exist_in_this_vllm() -> None:
     """What ``compat`` wraps and reads in each of vLLM's model runners (the V2 runner runs on
     CUDA in 0.26; the CPU build runs the first), checked against the installed vLLM."""

@@ -1,7 +1,7 @@
 """Run offline generation in a fresh process and print JSON: what the vLLM tests compare.
 
 python vllm_offline.py MODEL BACKEND '{"unisparse": {...}}' [--multiprocess] [--tp N] \
-    [--prompts I ...]
+    [--prompts I ...] [--no-prefix-caching]
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--multiprocess", action="store_true")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--prompts", type=int, nargs="+", help="indices into prompts() (all)")
+    parser.add_argument(
+        "--no-prefix-caching", action="store_true", help="every prompt token computed"
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocess else "0"
@@ -42,7 +45,7 @@ def main() -> None:
         dtype="float32",
         max_model_len=4096,
         max_num_batched_tokens=64,  # forces chunked prefill of every prompt here
-        enable_prefix_caching=True,
+        enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=True,
         tensor_parallel_size=args.tp,
         additional_config=json.loads(args.additional_config),

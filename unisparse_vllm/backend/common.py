@@ -41,10 +41,11 @@ class PrefillWork:
     # stands for its prompt's end (compat.prompt_lengths).
     prompt_lens: tuple[int, ...] | None
     long_requests: int  # prompts of at least min_sparse_tokens (those that get estimated)
-    # Prefill tokens (decodes excluded: the CPU backend's batches hold them too), and those
-    # of long requests: what the counters report per layer as the sparse path's tokens.
+    # Prefill tokens (decodes excluded: the CPU backend's batches hold them too), and per
+    # request those of a long prompt: what the counters report per layer as the sparse
+    # path's tokens, where the request's budget there is not dense.
     prefill_tokens: int
-    long_prefill_tokens: int
+    long_prefill_tokens: tuple[int, ...]
 
     @property
     def prompt_ends(self) -> tuple[int, ...]:
@@ -85,7 +86,6 @@ def prefill_work(
     prompt_lens = compat.prompt_lengths(first_request, query_lens, seq_lens)
     ends = prompt_lens or seq_lens  # as PrefillWork.prompt_ends
     context_lens = [s - n for s, n in zip(seq_lens, query_lens, strict=True)]
-    prefills = [(n, e) for n, e in zip(query_lens, ends, strict=True) if n > 1]
     return PrefillWork(
         first_request=first_request,
         first_token=starts[first_request],
@@ -93,8 +93,11 @@ def prefill_work(
         block_table=block_table[first_request : first_request + num_requests],
         prompt_lens=prompt_lens,
         long_requests=sum(e >= min_sparse_tokens for e in ends),
-        prefill_tokens=sum(n for n, _ in prefills),
-        long_prefill_tokens=sum(n for n, e in prefills if e >= min_sparse_tokens),
+        prefill_tokens=sum(n for n in query_lens if n > 1),
+        long_prefill_tokens=tuple(
+            n if n > 1 and e >= min_sparse_tokens else 0
+            for n, e in zip(query_lens, ends, strict=True)
+        ),
     )
 
 
@@ -262,7 +265,13 @@ class SparsePrefillLayer:
             fallback, causal = True, 0
         if fallback:
             run_dense()
-        sparse_tokens = 0 if fallback else work.long_prefill_tokens
+        sparse_tokens = 0
+        if not fallback:
+            sparse_tokens = sum(
+                tokens
+                for tokens, budget in zip(work.long_prefill_tokens, budgets, strict=True)
+                if not budget.dense
+            )
         STATS.record(
             layer_name,
             sparse_tokens=sparse_tokens,
