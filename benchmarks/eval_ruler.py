@@ -199,7 +199,10 @@ def _load_sources(model: str, haystack: str, qa_data: str, tasks: list[str]) -> 
 def _make_prompt(item: tuple[str, int, int]) -> dict:
     task, budget, seed = item
     sample = generate(task, _SOURCES["hay"], budget, seed, _SOURCES["qa"])
-    return {"task": sample.task, "prompt": sample.prompt, "references": sample.references}
+    made = {"task": sample.task, "prompt": sample.prompt, "references": sample.references}
+    if "depths" in sample.meta:
+        made["depths"] = sample.meta["depths"]
+    return made
 
 
 def make_prompts(spec: dict, processes: int) -> dict[str, list[dict]]:
@@ -295,6 +298,8 @@ def worker(spec: dict) -> list[dict]:
                     "prediction": text[:200],
                     "references": samples[i]["references"],
                 }
+                if "depths" in samples[i]:
+                    answered[i]["depths"] = samples[i]["depths"]
             so_far = [answered[i] for i in sorted(answered)]  # task by task, as made
             if sparse and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
                 stats = STATS.snapshot()
@@ -491,6 +496,46 @@ def paired_ratios(
     return ratios
 
 
+def needle_places(results: dict[str, list[dict]], a: str, b: str, lengths: list[int]) -> list[dict]:
+    """Which asked needles config ``a`` finds where ``b`` does not (won) and the reverse
+    (lost), by place: a task asking several values, by each value's place among them in the
+    text (1 = the first, the farthest from the question); a task asking one, by the fifth
+    of the prompt its needle is in. Paired prompt by prompt (``combine``'s order); records
+    without needle depths (runs before 2026-12-04's thirteenth session) are skipped."""
+    unknown = sorted({a, b} - set(results))
+    if unknown:
+        raise ValueError(f"--places: no config named {', '.join(map(repr, unknown))}")
+    rows: dict[tuple[int, str, str], list[int]] = {}
+    for length in lengths:
+        for ra, rb in zip(answered(results[a], length), answered(results[b], length), strict=True):
+            if "depths" not in ra or ra["references"] != rb["references"]:
+                continue
+            refs = sorted(zip(ra["depths"], ra["references"], strict=True))
+            for place, (depth, value) in enumerate(refs):
+                label = (
+                    f"value {place + 1}"
+                    if len(refs) > 1
+                    else f"depth {min(int(depth * 5), 4) * 20}%+"
+                )
+                row = rows.setdefault((length, ra["task"], label), [0, 0, 0])
+                found_a, found_b = value in ra["prediction"], value in rb["prediction"]
+                row[0] += 1
+                row[1] += found_a and not found_b
+                row[2] += found_b and not found_a
+    return [
+        {
+            "configs": [a, b],
+            "length": length,
+            "task": task,
+            "place": label,
+            "asked": n,
+            "won": won,
+            "lost": lost,
+        }
+        for (length, task, label), (n, won, lost) in sorted(rows.items())
+    ]
+
+
 def print_table(table: dict, tasks: list[str], lengths: list[int]) -> None:
     columns = [*tasks, "average"]
     head = f"{'config':<24}{'length':>8}" + "".join(f"{t[:12]:>13}" for t in columns)
@@ -625,13 +670,21 @@ def report(
     table = summarize(results, tasks, lengths)
     try:
         ratios = paired_ratios(results, table, args.ratio or [], tasks, lengths)
+        places = [p for a, b in args.places or [] for p in needle_places(results, a, b, lengths)]
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "results.json").write_text(
             json.dumps(
-                {"args": run_args, "table": table, "ratios": ratios, "records": results}, indent=1
+                {
+                    "args": run_args,
+                    "table": table,
+                    "ratios": ratios,
+                    "places": places,
+                    "records": results,
+                },
+                indent=1,
             )
         )
         plot(table, lengths, args.out_dir / "accuracy.png")
@@ -640,6 +693,12 @@ def report(
         a, b = r["configs"]
         low, high = r["ci"]
         print(f"{a} / {b}, {r['length']}: {r['ratio']:.1f}% [{low:.1f}-{high:.1f}] (paired)")
+    for p in places:
+        a, b = p["configs"]
+        print(
+            f"{a} against {b}, {p['length']} {p['task']}, {p['place']}: of {p['asked']} asked, "
+            f"won {p['won']}, lost {p['lost']}, net {p['won'] - p['lost']:+d}"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict], dict]:
@@ -693,6 +752,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         metavar=("A", "B"),
         help="also print config A's average as a percent of config B's, with the paired "
         "interval (repeatable)",
+    )
+    parser.add_argument(
+        "--places",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="also print which asked NIAH needles config A finds where B does not and the "
+        "reverse, by the needle's place in the text (repeatable)",
     )
     parser.add_argument(
         "--combine",

@@ -263,7 +263,10 @@ def _niah(task: str, hay: Haystack, budget: int, rng: random.Random) -> Sample:
         f"memorize them. I will quiz you about them afterwards.\n{context}\n{question} "
         "The special magic numbers mentioned in the provided text are"
     )
-    return Sample(task, prompt, references, {"keys": keys})
+    # Where each asked value sits (share of the prompt's characters before its needle): what
+    # a sparse selection loses can depend on it (eval_ruler --places).
+    depths = [prompt.index(f"for {k} is: {v}.") / len(prompt) for k in asked for v in values[k]]
+    return Sample(task, prompt, references, {"keys": keys, "depths": depths})
 
 
 def _vt(hay: Haystack, budget: int, rng: random.Random) -> Sample:

@@ -143,6 +143,50 @@ def test_niah_multikey_asks_a_key_anywhere_among_the_needles() -> None:
     assert len(ranks) >= 3, ranks
 
 
+@pytest.mark.parametrize("task", [t for t in TASKS if t.startswith("niah")])
+def test_niah_records_where_each_asked_value_sits(task: str) -> None:
+    for seed in range(4):
+        sample = generate(task, Haystack(TEXT, words), 800, seed=seed)
+        depths = sample.meta["depths"]
+        assert len(depths) == len(sample.references) and all(0 < d < 1 for d in depths)
+        by_text = sorted(sample.references, key=sample.prompt.index)
+        assert [v for _, v in sorted(zip(depths, sample.references, strict=True))] == by_text
+
+
+def test_places_count_the_needles_a_config_loses_by_place() -> None:
+    """Config b misses the first of four values in the text on every multi-value prompt
+    and one single needle in the first fifth; a record without depths is skipped."""
+    from eval_ruler import needle_places, parse_args
+
+    values = ["1111111", "2222222", "3333333", "4444444"]
+    depths = [0.6, 0.2, 0.9, 0.4]  # the text's order: 2222222 first
+
+    def records(missing: set[str]) -> list[dict]:
+        multi = {"task": "niah_multivalue", "length": 64, "references": values, "depths": depths}
+        single = {"task": "niah_single", "length": 64, "references": ["5555555"], "depths": [0.1]}
+        out = [
+            {**r, "prediction": " ".join(v for v in r["references"] if v not in missing)}
+            for r in [multi] * 3 + [single]
+        ]
+        return [*out, {"task": "niah_single", "length": 64, "references": ["6"], "prediction": ""}]
+
+    results = {"dense": records(set()), "b": records({"2222222", "5555555"})}
+    places = needle_places(results, "b", "dense", [64])
+    got = {(p["task"], p["place"]): (p["asked"], p["won"], p["lost"]) for p in places}
+    assert got == {
+        ("niah_multivalue", "value 1"): (3, 0, 3),
+        ("niah_multivalue", "value 2"): (3, 0, 0),
+        ("niah_multivalue", "value 3"): (3, 0, 0),
+        ("niah_multivalue", "value 4"): (3, 0, 0),
+        ("niah_single", "depth 0%+"): (1, 0, 1),
+    }
+    assert {p["configs"] == ["b", "dense"] for p in places} == {True}
+    with pytest.raises(ValueError, match="--places: no config named 'c'"):
+        needle_places(results, "b", "c", [64])
+    args, _, _ = parse_args(["--combine", "r.json", "--places", "b", "dense"])
+    assert args.places == [["b", "dense"]]
+
+
 def test_niah_multiquery_asks_for_every_key() -> None:
     sample = generate("niah_multiquery", Haystack(TEXT, words), 800, seed=1)
     assert len(sample.references) == 4 and all(k in sample.prompt for k in sample.meta["keys"])
@@ -422,6 +466,9 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
             json.dumps(configs),
             "--engine-args",
             json.dumps({"enforce_eager": True, "dtype": "float32"}),
+            "--places",
+            "unisparse",
+            "dense",
             "--out-dir",
             str(tmp_path / "out"),
         ],
@@ -446,6 +493,10 @@ def test_eval_pipeline_on_the_tiny_model(tmp_path: Path) -> None:
     assert 0.0 < report["table"]["unisparse"]["512"]["density"] < 1.0
     assert report["table"]["dense"]["512"]["density"] == 1.0
     assert {r["task"] for r in report["records"]["dense"]} == {"niah_single", "vt", "qa_squad"}
+    niah = [r for r in report["records"]["dense"] if r["task"] == "niah_single"]
+    assert all(len(r["depths"]) == 1 for r in niah)
+    assert sum(p["asked"] for p in report["places"]) == 2  # the two NIAH prompts, by depth
+    assert {p["task"] for p in report["places"]} == {"niah_single"}
     assert "average" in result.stdout
     # Answered in two rounds of one sample per task; the checkpoint after the second holds
     # what the run reports, task by task, as a results.json of the config alone.
