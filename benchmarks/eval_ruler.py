@@ -745,22 +745,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="--combine: keep the first N samples per task and length of every config (runs "
         "cut short: their partial.json files hold complete rounds)",
     )
-    parser.add_argument(
-        "--ratio",
-        nargs=2,
-        action="append",
-        metavar=("A", "B"),
-        help="also print config A's average as a percent of config B's, with the paired "
-        "interval (repeatable)",
-    )
-    parser.add_argument(
-        "--places",
-        nargs=2,
-        action="append",
-        metavar=("A", "B"),
-        help="also print which asked NIAH needles config A finds where B does not and the "
-        "reverse, by the needle's place in the text (repeatable)",
-    )
+    comparisons = {  # config A against config B, on the same prompts (each repeatable)
+        "--ratio": "also print config A's average as a percent of config B's, with the paired "
+        "interval",
+        "--places": "also print which asked NIAH needles config A finds where B does not and "
+        "the reverse, by the needle's place in the text",
+    }
+    for flag, what in comparisons.items():
+        parser.add_argument(flag, nargs=2, action="append", metavar=("A", "B"), help=what)
     parser.add_argument(
         "--combine",
         type=Path,
