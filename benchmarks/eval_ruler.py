@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -476,6 +476,13 @@ def percent_of(
     return ratio, paired_interval(results[b], results[a], tasks, length)
 
 
+def require_configs(flag: str, names: Iterable[str], known: Iterable[str]) -> None:
+    """A comparison option's configs must be in the run: else a ValueError naming them."""
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"{flag}: no config named {', '.join(map(repr, unknown))}")
+
+
 def paired_ratios(
     results: dict[str, list[dict]],
     table: dict,
@@ -485,9 +492,7 @@ def paired_ratios(
 ) -> list[dict]:
     """``percent_of`` for each ``(a, b)`` and length, so that two sparse configs compare on
     the same prompts as each compares with dense."""
-    unknown = sorted({n for pair in pairs for n in pair} - set(table))
-    if unknown:
-        raise ValueError(f"--ratio: no config named {', '.join(map(repr, unknown))}")
+    require_configs("--ratio", (n for pair in pairs for n in pair), table)
     ratios = []
     for a, b in pairs:
         for length in lengths:
@@ -502,9 +507,7 @@ def needle_places(results: dict[str, list[dict]], a: str, b: str, lengths: list[
     text (1 = the first, the farthest from the question); a task asking one, by the fifth
     of the prompt its needle is in. Paired prompt by prompt (``combine``'s order); records
     without needle depths (runs before 2026-12-04's thirteenth session) are skipped."""
-    unknown = sorted({a, b} - set(results))
-    if unknown:
-        raise ValueError(f"--places: no config named {', '.join(map(repr, unknown))}")
+    require_configs("--places", (a, b), results)
     rows: dict[tuple[int, str, str], list[int]] = {}
     for length in lengths:
         for ra, rb in zip(answered(results[a], length), answered(results[b], length), strict=True):

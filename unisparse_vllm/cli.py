@@ -64,6 +64,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     elif not 0 < density <= 1:
         raise ConfigError(f"--target-density must be in (0, 1], got {density}")
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
+    model_type = _model_type(args.model)
     config = resolve_config(
         {
             name: value
@@ -77,12 +78,12 @@ def _calibrate(args: argparse.Namespace) -> int:
             if value is not None
         }
         | {"block_size": args.block_size},
-        model_type=_model_type(args.model),
+        model_type=model_type,
         model_name=args.model,
     )
     if args.tier_of is not None:
         base_config = resolve_config(
-            file=args.tier_of, model_type=_model_type(args.model), model_name=args.model
+            file=args.tier_of, model_type=model_type, model_name=args.model
         )
         check_length_tier(base_config, config, args.min_prompt_tokens)
     settings, choices, used = calibrate(
