@@ -30,8 +30,9 @@
 # engines at once; RULER_ENGINE_ARGS, JSON, replaces the spec's engine_args: a fixed memory
 # share per engine lets two ruler jobs share one GPU; RULER_ONLY, config names separated by
 # ';', runs only those).
-# Two ruler jobs side by side need distinct RULER_LENGTHS (or RULER_SEED): they name the log
-# and the results.
+# Two ruler jobs side by side need distinct RULER_LENGTHS, RULER_SEED or RULER_TAG: they
+# name the log and the results (ruler_<tag>_<lengths>_s<seed>), so that one seed's configs
+# can also run as separate jobs, e.g. from a queue that starts the most wanted first.
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -43,7 +44,7 @@ RESULTS=/tmp/results LOGS=/tmp/logs
 GGUF_PARTS=${GGUF_PARTS:-10}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
-RULER_ONLY=${RULER_ONLY:-} RULER_SIDE_BY_SIDE=${RULER_SIDE_BY_SIDE:-0}
+RULER_ONLY=${RULER_ONLY:-} RULER_SIDE_BY_SIDE=${RULER_SIDE_BY_SIDE:-0} RULER_TAG=${RULER_TAG:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
 TTFT_CHUNK=${TTFT_CHUNK:-16384} CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
 CALIB_ESTIMATOR=${CALIB_ESTIMATOR:-unisparse} CALIB_C_K=${CALIB_C_K:-16} CALIB_MAX_MIX=${CALIB_MAX_MIX:-0.0}
@@ -112,7 +113,7 @@ for job in "$@"; do
         fi
         read -ra seeds <<< "$RULER_SEED"
         for seed in "${seeds[@]:-}"; do
-            name="ruler${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}${seed:+_s$seed}"
+            name="ruler${RULER_TAG:+_$RULER_TAG}${RULER_LENGTHS:+_${RULER_LENGTHS// /_}}${seed:+_s$seed}"
             # shellcheck disable=SC2086  # the lengths are words
             step "$name" timeout 1700 python3 \
                 benchmarks/eval_ruler.py --spec "$RULER_SPEC" --model /tmp/qwen05 \
