@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -81,7 +82,10 @@ def prompt_version(run: dict) -> int:
 
 
 def combine(
-    runs: list[dict], lengths: list[int] | None = None, first_samples: int | None = None
+    runs: list[dict],
+    lengths: list[int] | None = None,
+    first_samples: int | None = None,
+    common_prompts: bool = False,
 ) -> dict[str, list[dict]]:
     """Several runs' records (``results.json`` contents) as one run: per config, its records
     from every run that has it, in the order given, and per length one stats record with the
@@ -93,7 +97,11 @@ def combine(
     same-answer share pair them) is left out, printed with why. ``first_samples`` keeps the
     first N samples per task and length of every config, so that a config cut short (its
     ``partial.json``: complete rounds of samples) pairs with the others' first N (its
-    density stays over every prompt it answered)."""
+    density stays over every prompt it answered). ``common_prompts`` keeps, of every config,
+    only the prompts that every config answered, so that configs cut short at different
+    points of several runs pair too. A run's records get their sample number (seed + their
+    place in the task: a ``partial.json`` holds each task's first samples), which is what
+    matches prompts across runs, with their task, length, token count and answer."""
     versions = {prompt_version(run) for run in runs}
     if len(versions) > 1:
         raise ValueError(
@@ -103,20 +111,24 @@ def combine(
     results: dict[str, list[dict]] = {}
     stats: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
+        seed = run.get("args", {}).get("seed")
         for name, records in run["records"].items():
-            results.setdefault(name, []).extend(r for r in records if "task" in r)
+            results.setdefault(name, []).extend(_numbered(records, seed))
             for r in records:
                 if "stats" in r:
                     stats.setdefault((name, r["length"]), []).append(r)
     reference = next(iter(results))
     # Each run lists its prompts task by task, so a config run as 100 samples and one run as
     # 25 + 75 list them in different orders: group every config's prompts by the reference's
-    # (length, task) order, each group in the order given (seed order), and they pair.
+    # (length, task) order, each group in sample order (or as given: older combined files
+    # lack the numbers), and they pair.
     groups: dict[tuple[int, str], int] = {}
     for r in results[reference]:
         groups.setdefault((r["length"], r["task"]), len(groups))
     for name, records in results.items():
-        records.sort(key=lambda r: groups.get((r["length"], r["task"]), len(groups)))
+        records.sort(
+            key=lambda r: (groups.get((r["length"], r["task"]), len(groups)), r.get("sample", 0))
+        )
         if first_samples is not None:
             taken: dict[tuple[int, str], int] = {}
             kept = []
@@ -129,10 +141,13 @@ def combine(
     for (name, length), parts in stats.items():
         results[name].append(_summed_stats(length, parts))
     lengths = sorted(lengths or {r["length"] for r in results[reference]})
+    for name in results:
+        results[name] = [r for r in results[name] if r["length"] in lengths]
+    if common_prompts:
+        results = _common_prompts(results)
 
     def prompts(records: list[dict], length: int) -> list[tuple]:
-        rows = answered(records, length)
-        return [(r["task"], r["prompt_tokens"], tuple(r["references"])) for r in rows]
+        return [_prompt_key(r) for r in answered(records, length)]
 
     for length in lengths:
         keys = prompts(results[reference], length)
@@ -142,7 +157,6 @@ def combine(
                 "(runs with overlapping seeds?)"
             )
     for name in list(results):
-        results[name] = [r for r in results[name] if r["length"] in lengths]
         for length in lengths:
             ours, theirs = prompts(results[name], length), prompts(results[reference], length)
             if ours != theirs:
@@ -153,6 +167,56 @@ def combine(
                 del results[name]
                 break
     return results
+
+
+def _numbered(records: list[dict], seed: int | None) -> list[dict]:
+    """A run's scored records, each with its sample number where the run's seed is known:
+    each task's records are its samples seed, seed + 1, ... (``rounds`` keeps them so)."""
+    numbered = []
+    place: Counter[tuple[int, str]] = Counter()
+    for r in records:
+        if "task" not in r:
+            continue
+        key = (r["length"], r["task"])
+        if seed is not None and "sample" not in r:
+            r = {**r, "sample": seed + place[key]}
+        place[key] += 1
+        numbered.append(r)
+    return numbered
+
+
+def _prompt_key(record: dict) -> tuple:
+    """What tells two configs' prompts apart (a prompt can repeat: its sample number too)."""
+    return (
+        record["length"],
+        record["task"],
+        record.get("sample"),
+        record["prompt_tokens"],
+        tuple(record["references"]),
+    )
+
+
+def _common_prompts(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every config's records, its scored ones cut to the prompts all configs answered,
+    stats records kept."""
+    shared: Counter[tuple] = Counter()
+    for i, records in enumerate(results.values()):
+        answered_here = Counter(_prompt_key(r) for r in records if "task" in r)
+        shared = answered_here if i == 0 else shared & answered_here
+    kept: dict[str, list[dict]] = {}
+    for name, records in results.items():
+        left = shared.copy()
+        kept[name] = []
+        for r in records:
+            if "task" in r:
+                if left[_prompt_key(r)] == 0:
+                    continue
+                left[_prompt_key(r)] -= 1
+            kept[name].append(r)
+        dropped = len(records) - len(kept[name])
+        if dropped:
+            print(f"--combine --common-prompts: {name!r}: {dropped} prompts others lack left out")
+    return kept
 
 
 def _summed_stats(length: int, parts: list[dict]) -> dict:
@@ -614,7 +678,7 @@ def main() -> None:
     if args.combine:
         runs = [json.loads(path.read_text()) for path in args.combine]
         try:
-            results = combine(runs, args.lengths, args.first_samples)
+            results = combine(runs, args.lengths, args.first_samples, args.common_prompts)
         except ValueError as err:
             raise SystemExit(str(err)) from None
         reference = next(iter(results.values()))
@@ -747,6 +811,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         metavar="N",
         help="--combine: keep the first N samples per task and length of every config (runs "
         "cut short: their partial.json files hold complete rounds)",
+    )
+    parser.add_argument(
+        "--common-prompts",
+        action="store_true",
+        help="--combine: keep only the prompts every config answered (configs cut short at "
+        "different points of several runs: each one's partial.json)",
     )
     comparisons = {  # config A against config B, on the same prompts (each repeatable)
         "--ratio": "also print config A's average as a percent of config B's, with the paired "

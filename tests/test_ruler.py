@@ -391,6 +391,21 @@ def test_rounds_give_every_task_its_first_samples_and_a_cut_run_combines() -> No
     assert [r["prompt_tokens"] for r in paired["dense"]] == [1, 2, 101, 102]
     assert len(whole["records"]["dense"]) == 6  # the runs themselves are not cut
 
+    # Two runs of three samples each (seeds 0 and 3), a config cut short after two rounds
+    # in the first and one in the second: --first-samples pairs only the first run's two,
+    # common prompts pair all three.
+    second = {"records": {"dense": records([4, 5, 6]), "sparse": records([4, 5, 6])}}
+    second_cut = {"records": {"cut short": records([4])}}
+    halves = [whole, cut, second, second_cut]
+    assert list(combine(halves)) == ["dense", "sparse"]
+    first_two = combine(halves, first_samples=2)["cut short"]
+    assert [r["prompt_tokens"] for r in first_two] == [1, 2, 101, 102]
+    paired = combine(halves, common_prompts=True)
+    assert list(paired) == ["dense", "sparse", "cut short"]
+    kept = [1, 2, 4, 101, 102, 104]
+    assert [r["prompt_tokens"] for r in paired["dense"]] == kept
+    assert [r["prompt_tokens"] for r in paired["cut short"]] == kept
+
 
 def test_prompts_are_made_once_in_parallel_in_generation_order(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
