@@ -32,7 +32,9 @@
 # ';', runs only those).
 # Two ruler jobs side by side need distinct RULER_LENGTHS, RULER_SEED or RULER_TAG: they
 # name the log and the results (ruler_<tag>_<lengths>_s<seed>), so that one seed's configs
-# can also run as separate jobs, e.g. from a queue that starts the most wanted first.
+# can also run as separate jobs: ruler-queue runs RULER_QUEUE, lines "<tag> <seed> <config
+# name>", each one engine on RULER_SAMPLES samples from that seed, RULER_MAX_ENGINES (9) at
+# once, in the order given (the fifteenth session's launcher, RESULTS.md section 4).
 # Expects the shared vLLM bundle installed in /tmp/vllm-site, this checkout installed
 # (`pip install -e .`), and for `ruler`: /tmp/data/essays, /tmp/data/qa (squad.json,
 # hotpotqa.json) and the gguf wheel in /tmp/gguf-site. Logs go to /tmp/logs/<job>.log,
@@ -46,6 +48,7 @@ RULER_SPEC=${RULER_SPEC:-benchmarks/ruler_specs/qwen05.yaml} RULER_LENGTHS=${RUL
 RULER_SAMPLES=${RULER_SAMPLES:-} RULER_SEED=${RULER_SEED:-} RULER_ENGINE_ARGS=${RULER_ENGINE_ARGS:-}
 RULER_ONLY=${RULER_ONLY:-} RULER_SIDE_BY_SIDE=${RULER_SIDE_BY_SIDE:-0} RULER_TAG=${RULER_TAG:-}
 RULER_GPUS=${RULER_GPUS:-1} RULER_PARALLEL=${RULER_PARALLEL:-4}
+RULER_QUEUE=${RULER_QUEUE:-} RULER_MAX_ENGINES=${RULER_MAX_ENGINES:-9}
 TTFT_CHUNK=${TTFT_CHUNK:-16384} CALIB_TOKENS=${CALIB_TOKENS:-32768} CALIB_RECALL=${CALIB_RECALL:-0.93}
 CALIB_ESTIMATOR=${CALIB_ESTIMATOR:-unisparse} CALIB_C_K=${CALIB_C_K:-16} CALIB_MAX_MIX=${CALIB_MAX_MIX:-0.0}
 CALIB_DENSITY=${CALIB_DENSITY:-}
@@ -65,7 +68,7 @@ step() {
 for job in "$@"; do
     case $job in
     kernels)
-        step kernels timeout 400 python3 -m pytest -q -p no:cacheprovider \
+        step kernels timeout 600 python3 -m pytest -q -p no:cacheprovider \
             tests/test_kernels.py tests/test_flash.py tests/test_baselines.py \
             tests/test_core_invariants.py tests/test_backend_units.py ;;
     bench)
@@ -124,6 +127,17 @@ for job in "$@"; do
                 --parallel "$RULER_PARALLEL" --gpus "$RULER_GPUS" --out-dir "$RESULTS/$name" &
             [ "$RULER_SIDE_BY_SIDE" = 1 ] || wait $!
         done
+        wait ;;
+    ruler-queue)
+        # One engine per (config, seed), RULER_MAX_ENGINES (default 9) at once, started in
+        # RULER_QUEUE's order (the most wanted first: a machine given back early keeps them).
+        while read -r tag seed config; do
+            [ -n "$tag" ] || continue
+            while [ "$(jobs -rp | wc -l)" -ge "$RULER_MAX_ENGINES" ]; do wait -n; done
+            echo "$(date +%T) queue: $tag $seed $config"
+            RULER_TAG=$tag RULER_SEED=$seed RULER_ONLY=$config RULER_PARALLEL=1 \
+                bash benchmarks/gpu_jobs.sh ruler > "$LOGS/queue_${tag}_s$seed.log" 2>&1 &
+        done <<< "$RULER_QUEUE"
         wait ;;
     *)
         echo "unknown job $job" ;;
