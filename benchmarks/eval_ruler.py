@@ -25,7 +25,9 @@ generator's version (``ruler.PROMPT_VERSION``); only runs of one version combine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import os
 import random
 import statistics
@@ -199,19 +201,18 @@ def _prompt_key(record: dict) -> tuple:
 def _common_prompts(results: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Every config's records, its scored ones cut to the prompts all configs answered,
     stats records kept."""
-    shared: Counter[tuple] = Counter()
-    for i, records in enumerate(results.values()):
-        answered_here = Counter(_prompt_key(r) for r in records if "task" in r)
-        shared = answered_here if i == 0 else shared & answered_here
+    answered_by = [Counter(_prompt_key(r) for r in rs if "task" in r) for rs in results.values()]
+    shared = functools.reduce(operator.and_, answered_by)
     kept: dict[str, list[dict]] = {}
     for name, records in results.items():
         left = shared.copy()
         kept[name] = []
         for r in records:
             if "task" in r:
-                if left[_prompt_key(r)] == 0:
+                key = _prompt_key(r)
+                if left[key] == 0:
                     continue
-                left[_prompt_key(r)] -= 1
+                left[key] -= 1
             kept[name].append(r)
         dropped = len(records) - len(kept[name])
         if dropped:

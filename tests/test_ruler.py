@@ -391,20 +391,28 @@ def test_rounds_give_every_task_its_first_samples_and_a_cut_run_combines() -> No
     assert [r["prompt_tokens"] for r in paired["dense"]] == [1, 2, 101, 102]
     assert len(whole["records"]["dense"]) == 6  # the runs themselves are not cut
 
-    # Two runs of three samples each (seeds 0 and 3), a config cut short after two rounds
-    # in the first and one in the second: --first-samples pairs only the first run's two,
-    # common prompts pair all three.
-    second = {"records": {"dense": records([4, 5, 6]), "sparse": records([4, 5, 6])}}
-    second_cut = {"records": {"cut short": records([4])}}
-    halves = [whole, cut, second, second_cut]
+    # Two runs of three samples each (seeds 0 and 3) and a config cut short after one round
+    # in each. Sample 3 makes the same prompt as sample 1 (the generator can repeat one):
+    # only the sample numbers, from each run's seed, say that the cut config answered 0 and
+    # 3, not 0 and 1. So --first-samples 2 leaves it out (its second sample is 3, the
+    # others' is 1), and common prompts pair samples 0 and 3 of every config.
+    def run(seed: int, **configs: list[dict]) -> dict:
+        return {"args": {"seed": seed}, "records": configs}
+
+    halves = [
+        run(0, dense=records([7, 2, 3]), sparse=records([7, 2, 3])),
+        run(0, **{"cut short": records([7])}),
+        run(3, dense=records([2, 5, 6]), sparse=records([2, 5, 6])),
+        run(3, **{"cut short": records([2])}),
+    ]
     assert list(combine(halves)) == ["dense", "sparse"]
-    first_two = combine(halves, first_samples=2)["cut short"]
-    assert [r["prompt_tokens"] for r in first_two] == [1, 2, 101, 102]
+    assert list(combine(halves, first_samples=2)) == ["dense", "sparse"]
     paired = combine(halves, common_prompts=True)
     assert list(paired) == ["dense", "sparse", "cut short"]
-    kept = [1, 2, 4, 101, 102, 104]
-    assert [r["prompt_tokens"] for r in paired["dense"]] == kept
-    assert [r["prompt_tokens"] for r in paired["cut short"]] == kept
+    for name in paired:
+        scored = [r for r in paired[name] if "task" in r]
+        assert [r["sample"] for r in scored] == [0, 3, 0, 3]
+        assert [r["prompt_tokens"] for r in scored] == [7, 2, 107, 102]
 
 
 def test_prompts_are_made_once_in_parallel_in_generation_order(tmp_path: Path) -> None:
