@@ -153,6 +153,29 @@ def test_a_density_budget_buys_the_highest_recall_every_layer_can_keep(budget, t
     assert [c.tau for c in choose_for_density(CURVES, budget)] == taus
 
 
+@pytest.mark.parametrize(
+    ("budget", "taus"),
+    [
+        (0.45, [0.95, 0.95]),  # layer 1 at its own 0.92 (0.50) leaves layer 0 0.40: recall 0.97
+        (0.35, [0.8, 0.95]),  # 0.20 left for layer 0: recall 0.90
+    ],
+)
+def test_a_layer_with_its_own_recall_keeps_it_and_the_budget_pays_for_it(budget, taus) -> None:
+    from unisparse_vllm.calibrate import choose_for_density
+
+    assert [c.tau for c in choose_for_density(CURVES, budget, {1: 0.92})] == taus
+
+
+def test_a_budget_the_fixed_layers_alone_exceed_is_refused() -> None:
+    from unisparse_vllm.calibrate import choose_for_density
+    from unisparse_vllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"own targets, gives mean density 0.300"):
+        choose_for_density(CURVES, 0.29, {1: 0.92})  # 0.50 + layer 0's least 0.10
+    choices = choose_for_density(CURVES, 0.35, {0: 0.85, 1: 0.85})  # every layer's own
+    assert [c.tau for c in choices] == [0.8, 0.8]
+
+
 def test_a_density_budget_below_the_smallest_tau_is_refused() -> None:
     from unisparse_vllm.calibrate import choose_for_density
     from unisparse_vllm.config import ConfigError
@@ -197,6 +220,43 @@ def test_bad_calibration_targets_are_named(
 ) -> None:
     argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
     assert main([*argv, *extra, "--out", str(tmp_path / "p.yaml")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_layers_given_their_own_recall_are_calibrated_to_it(
+    tiny: Path, text: Path, tmp_path: Path
+) -> None:
+    """Trivial common target, unreachable own target on layer 1: only layer 1 goes dense."""
+    out = tmp_path / "own.yaml"
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    argv += ["--block-size", "64", "--c-q", "8", "--c-k", "8", "--target-recall", "0"]
+    argv += ["--layer-recall", "1=0.999", "--taus", "0.05", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    settings = yaml.safe_load(out.read_text())
+    assert settings["dense_layers"] == [1]
+    assert [(o["layers"], o["tau"]) for o in settings["layer_overrides"]] == [
+        ([0], 0.05),
+        ([2], 0.05),
+    ]
+    assert "layers' own recall targets 1=0.999" in out.read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("6-11", "--layer-recall '6-11': expected LAYERS=RECALL, e.g. 6-11=0.98"),
+        ("a=0.9", "--layer-recall 'a=0.9': expected LAYERS=RECALL"),
+        ("1=1.5", "--layer-recall '1=1.5': recall must be in [0, 1]"),
+        ("0-1=0.9 1=0.8", "--layer-recall '1=0.8': layer 1 already has a target"),
+        ("2-4=0.9", "layer_recall: layers [3, 4] are past the model's 3 layers"),
+    ],
+)
+def test_bad_layer_recall_targets_are_named(
+    tiny: Path, text: Path, tmp_path: Path, capsys, spec: str, message: str
+) -> None:
+    argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
+    argv += ["--block-size", "64", "--c-q", "8", "--c-k", "8", "--taus", "0.5"]
+    assert main([*argv, "--layer-recall", *spec.split(), "--out", str(tmp_path / "p.yaml")]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -6,6 +6,8 @@ plan keeps at least a target share of the exact attention mass on average (its r
 layers that miss the target even at the largest ``tau`` become dense layers. The target is
 either that recall (``target_recall``) or a compute budget (``target_density``): the highest
 recall every layer can be held to with the mean density over the layers within the budget.
+Layers whose sparsity moves the answer more than their recall says (found with
+``benchmarks/answer_shift.py``) can keep their own recall target (``layer_recall``).
 The result is a profile YAML that ``--additional-config '{"unisparse": {"profile": "..."}}'``
 loads.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -30,8 +32,10 @@ from .core.metrics import mass_recall
 
 # Fine steps near the top: on Qwen2.5-Coder-0.5B at 16K, the grid without 0.92-0.97 jumped
 # from 0.95 to 0.98 and overshot (recall 0.963 for a 0.95 target, sparse-layer density
-# 0.320); this grid meets the same target at 0.955 recall and density 0.284.
-DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
+# 0.320); this grid meets the same target at 0.955 recall and density 0.284. 0.99: a layer's
+# own recall target of 0.98 (``layer_recall``) needs it on Qwen's layer 10 (0.979 at 0.98),
+# which would otherwise go dense.
+DEFAULT_TAUS = (0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
 def measuring_device(name: str) -> str:
@@ -152,18 +156,30 @@ def mean_density(choices: list[LayerChoice]) -> float:
     return sum(c.served_density for c in choices) / len(choices)
 
 
-def choose_for_density(curves: list[list[LayerChoice]], target_density: float) -> list[LayerChoice]:
+def choose_for_density(
+    curves: list[list[LayerChoice]],
+    target_density: float,
+    layer_recall: Mapping[int, float] | None = None,
+) -> list[LayerChoice]:
     """Every layer held to the highest common recall target (as ``choose_for_recall``) whose
-    mean density over the layers, a dense layer counting 1, is at most ``target_density``."""
-    targets = sorted({point.recall for curve in curves for point in curve}, reverse=True)
-    for target in targets:
-        choices = [choose_for_recall(curve, target) for curve in curves]
+    mean density over the layers, a dense layer counting 1, is at most ``target_density``;
+    a layer in ``layer_recall`` keeps its own target, and its density counts in the mean."""
+    own = layer_recall or {}
+    common = {
+        point.recall for layer, curve in enumerate(curves) if layer not in own for point in curve
+    }
+    # With every layer's target given there is nothing to solve: one pass checks the budget.
+    for target in sorted(common, reverse=True) or [0.0]:
+        choices = [
+            choose_for_recall(curve, own.get(layer, target)) for layer, curve in enumerate(curves)
+        ]
         density = mean_density(choices)
         if density <= target_density:
             return choices
+    fixed = ", the layer_recall layers at their own targets," if own else ""
     raise ConfigError(
-        f"target_density {target_density}: out of reach, the smallest tau tried gives mean "
-        f"density {density:.3f} (try smaller taus)"
+        f"target_density {target_density}: out of reach, the smallest tau tried{fixed} gives "
+        f"mean density {density:.3f} (try smaller taus)"
     )
 
 
@@ -201,9 +217,11 @@ def calibrate(
     config: UniSparseConfig,
     taus: tuple[float, ...] = DEFAULT_TAUS,
     device: str = "cpu",
+    layer_recall: Mapping[int, float] | None = None,
 ) -> tuple[dict[str, Any], list[LayerChoice], int]:
     """``(profile settings, per-layer choices, calibration tokens used)``; the model and
-    every measurement run on ``device``. One target: ``target_recall`` or ``target_density``."""
+    every measurement run on ``device``. One target: ``target_recall`` or ``target_density``;
+    ``layer_recall`` (layer -> recall) overrides it for some layers."""
     if (target_recall is None) == (target_density is None):
         raise ValueError("calibrate needs one of target_recall and target_density")
     if not taus or not all(0 < tau <= 1 for tau in taus):
@@ -224,10 +242,19 @@ def calibrate(
         layer_curve(q, k, layer, measured, taus)
         for layer, (q, k, _v) in enumerate(capture_qkv(model, ids))
     ]
+    own = dict(layer_recall or {})
+    past = sorted(layer for layer in own if layer >= len(curves))
+    if past:
+        raise ConfigError(f"layer_recall: layers {past} are past the model's {len(curves)} layers")
     if target_recall is not None:
-        choices = [choose_for_recall(curve, target_recall) for curve in curves]
+        choices = [
+            choose_for_recall(curve, own.get(layer, target_recall))
+            for layer, curve in enumerate(curves)
+        ]
     else:
-        choices = choose_for_density([list(curve) for curve in curves], cast(float, target_density))
+        choices = choose_for_density(
+            [list(curve) for curve in curves], cast(float, target_density), own
+        )
     return calibrated_profile(choices, config), choices, int(ids.shape[1])
 
 

@@ -9,7 +9,14 @@ import typing
 
 import yaml
 
-from .config import ConfigError, UniSparseConfig, profile_file, read_mapping, resolve_config
+from .config import (
+    ConfigError,
+    UniSparseConfig,
+    parse_layer_spec,
+    profile_file,
+    read_mapping,
+    resolve_config,
+)
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -63,6 +70,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--target-recall must be in [0, 1], got {recall}")
     elif not 0 < density <= 1:
         raise ConfigError(f"--target-density must be in (0, 1], got {density}")
+    layer_recall = _layer_recalls(args.layer_recall or [])
     texts = [Path(f).read_text(errors="ignore") for f in args.text]
     model_type = _model_type(args.model)
     config = resolve_config(
@@ -95,16 +103,20 @@ def _calibrate(args: argparse.Namespace) -> int:
         config=config,
         taus=tuple(args.taus) if args.taus else DEFAULT_TAUS,
         device=device,
+        layer_recall=layer_recall,
     )
     if density is None:
         target = f"target mean attention-mass recall {recall}"
     else:
-        sparse = [c.recall for c in choices if c.tau is not None]
+        sparse = [c.recall for c in choices if c.tau is not None and c.layer not in layer_recall]
+        which = "every other" if layer_recall else "every"
         target = (
             f"target mean density {density} over the layers (reached "
-            f"{mean_density(choices):.3f}, every sparse layer at mean recall >= "
+            f"{mean_density(choices):.3f}, {which} sparse layer at mean recall >= "
             f"{min(sparse, default=1.0):.3f})"
         )
+    if layer_recall:
+        target += f", layers' own recall targets {' '.join(args.layer_recall)}"
     header = (
         f"unisparse calibrate: {args.model}, {used} tokens of {len(texts)} text(s), {target}, "
         f"model in {str(measuring_dtype(device)).removeprefix('torch.')} on {device}"
@@ -128,6 +140,27 @@ def _calibrate(args: argparse.Namespace) -> int:
     dense = sum(c.tau is None for c in choices)
     print(f"{args.out}: {len(choices)} layers, {dense} dense")
     return 0
+
+
+def _layer_recalls(specs: list[str]) -> dict[int, float]:
+    """``["6-11=0.98", "18=0.85"]`` -> {6: 0.98, ..., 11: 0.98, 18: 0.85}."""
+    recalls: dict[int, float] = {}
+    for spec in specs:
+        layers, _, value = spec.partition("=")
+        try:
+            first, last = parse_layer_spec(layers)
+            recall = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"--layer-recall {spec!r}: expected LAYERS=RECALL, e.g. 6-11=0.98"
+            ) from None
+        if not 0 <= recall <= 1:
+            raise ConfigError(f"--layer-recall {spec!r}: recall must be in [0, 1]")
+        for layer in range(first, last + 1):
+            if layer in recalls:
+                raise ConfigError(f"--layer-recall {spec!r}: layer {layer} already has a target")
+            recalls[layer] = recall
+    return recalls
 
 
 def _is_comment(line: str) -> bool:
@@ -178,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="instead: a compute budget, the mean density over the layers at --tokens; "
         "every layer is held to the highest recall that fits",
+    )
+    calibrate.add_argument(
+        "--layer-recall",
+        nargs="+",
+        metavar="LAYERS=RECALL",
+        help="a recall target of their own for some layers, e.g. 6-11=0.98 18-23=0.85 (the "
+        "layers whose sparsity moves the answer most or least; README, 'Calibrating')",
     )
     calibrate.add_argument("--tokens", type=int, default=4096)
     calibrate.add_argument("--block-size", type=int, default=128)

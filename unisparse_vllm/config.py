@@ -62,7 +62,7 @@ class LayerBudget(_Strict):
         return self
 
 
-def _parse_layer_spec(spec: int | str) -> tuple[int, int]:
+def parse_layer_spec(spec: int | str) -> tuple[int, int]:
     """``3`` or ``"3"`` -> (3, 3); ``"2-5"`` -> (2, 5), inclusive."""
     if isinstance(spec, int):
         first = last = spec
@@ -96,11 +96,11 @@ class LayerOverride(_Strict):
     @classmethod
     def _layers_parse(cls, layers: list[int | str]) -> list[int | str]:
         for spec in layers:
-            _parse_layer_spec(spec)
+            parse_layer_spec(spec)
         return layers
 
     def covers(self, layer: int) -> bool:
-        return any(a <= layer <= b for a, b in map(_parse_layer_spec, self.layers))
+        return any(a <= layer <= b for a, b in map(parse_layer_spec, self.layers))
 
     def changes(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"layers"}).items() if v is not None}
@@ -191,7 +191,7 @@ class UniSparseConfig(LayerBudget):
         expanded: list[Any] = []
         for spec in layers:
             if isinstance(spec, str):
-                first, last = _parse_layer_spec(spec)
+                first, last = parse_layer_spec(spec)
                 expanded.extend(range(first, last + 1))
             else:
                 expanded.append(spec)
