@@ -341,6 +341,26 @@ def test_a_calibration_becomes_a_length_tier_of_a_profile(
     assert lines[len(comments)].startswith("# length tier from 4096 prompt tokens: unisparse")
 
 
+def test_a_tier_keeps_its_taus_when_the_base_is_edited_later() -> None:
+    """Layer 0's tau is the same in base and tier; the tier still says it, so a base edit
+    (here 0.9 -> 0.5) does not reach the tier's prompts."""
+    from unisparse_vllm.calibrate import with_length_tier
+
+    def taus(*values: float) -> dict:
+        return {
+            "layer_overrides": [{"layers": [i], "tau": t} for i, t in enumerate(values)],
+            "dense_layers": [2],
+        }
+
+    base = taus(0.9, 0.8)
+    tiered = with_length_tier(
+        base, resolve_config(base), resolve_config(taus(0.9, 0.7) | {"dense_layers": []}), 4096, 3
+    )
+    edited = resolve_config(tiered | taus(0.5, 0.5))
+    assert [edited.for_layer(layer, 4096).tau for layer in range(2)] == [0.9, 0.7]
+    assert not edited.for_layer(2, 4096).dense and edited.for_layer(2, 100).dense
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -300,7 +300,9 @@ def with_length_tier(
 ) -> dict[str, Any]:
     """``base`` (a profile's settings, resolving to ``base_config``) plus a length tier from
     ``min_prompt_tokens`` on that gives every layer ``calibrated``'s budget: one override per
-    layer whose budget differs there (a layer made dense: ``dense: true``)."""
+    layer, with the fields that differ there and always the layer's ``tau`` (``dense: true``
+    for a dense one). A tier inherits what it does not say from the base, so a tau left out
+    because it matched would follow a later edit of the base's taus (it did once, by hand)."""
     check_length_tier(base_config, calibrated, min_prompt_tokens)
     overrides = []
     for layer in range(num_layers):
@@ -311,8 +313,8 @@ def with_length_tier(
             for name, value in wanted.model_dump().items()
             if value != getattr(before, name)
         }
-        if changes:
-            overrides.append({"layers": [layer], **changes})
+        changes.update({"dense": True} if wanted.dense else {"tau": wanted.tau})
+        overrides.append({"layers": [layer], **changes})
     tier = {"min_prompt_tokens": min_prompt_tokens, "layer_overrides": overrides}
     return {**base, "length_tiers": [*base.get("length_tiers", []), tier]}
 
