@@ -252,8 +252,12 @@ def test_layers_given_their_own_recall_are_calibrated_to_it(
     ],
 )
 def test_bad_layer_recall_targets_are_named(
-    tiny: Path, text: Path, tmp_path: Path, capsys, spec: str, message: str
+    tiny: Path, text: Path, tmp_path: Path, capsys, monkeypatch, spec: str, message: str
 ) -> None:
+    """Each refused before the model's forward pass, the calibration's cost."""
+    from unisparse_vllm import calibrate
+
+    monkeypatch.setattr(calibrate, "capture_qkv", lambda *a: pytest.fail("forward pass ran"))
     argv = ["calibrate", "--model", str(tiny), "--text", str(text), "--tokens", "512"]
     argv += ["--block-size", "64", "--c-q", "8", "--c-k", "8", "--taus", "0.5"]
     assert main([*argv, "--layer-recall", *spec.split(), "--out", str(tmp_path / "p.yaml")]) == 2

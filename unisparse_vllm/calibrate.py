@@ -231,6 +231,11 @@ def calibrate(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=measuring_dtype(device))
     model = model.to(device).eval()
+    own = dict(layer_recall or {})
+    num_layers = model.config.num_hidden_layers
+    past = sorted(layer for layer in own if layer >= num_layers)
+    if past:  # before the forward pass, the calibration's cost
+        raise ConfigError(f"layer_recall: layers {past} are past the model's {num_layers} layers")
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[:, :tokens].to(device)
     if ids.shape[1] < 2 * config.block_size:
         raise ValueError(
@@ -242,10 +247,6 @@ def calibrate(
         layer_curve(q, k, layer, measured, taus)
         for layer, (q, k, _v) in enumerate(capture_qkv(model, ids))
     ]
-    own = dict(layer_recall or {})
-    past = sorted(layer for layer in own if layer >= len(curves))
-    if past:
-        raise ConfigError(f"layer_recall: layers {past} are past the model's {len(curves)} layers")
     if target_recall is not None:
         choices = [
             choose_for_recall(curve, own.get(layer, target_recall))
