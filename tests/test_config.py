@@ -55,12 +55,8 @@ def test_shipped_calibrated_profiles_load_by_name() -> None:
 def test_the_shipped_qwen_profile_is_what_ruler_measured_at_each_length() -> None:
     """Its length tier is the density budget RULER measured at 32K (RESULTS.md section 4,
     twelfth run); shorter prompts take the taus the fifteenth run measured at 16K."""
-    import yaml
-
     specs = Path(__file__).parents[1] / "benchmarks/ruler_specs"
-    budget = resolve_config(
-        yaml.safe_load((specs / "qwen05-calibrated-16k-density021.yaml").read_text())
-    )
+    budget = resolve_config(file=specs / "qwen05-calibrated-16k-density021.yaml")
     measured_16k = resolve_config(file=specs / "qwen05-calibrated-16k-mid098-late085.yaml")
     config = resolve_config({"profile": "qwen2.5-coder-0.5b-instruct"}, model_type="qwen2")
     assert [config.tier_of(n) for n in (15600, 24575, 24576, 31500)] == [0, 0, 1, 1]

@@ -150,6 +150,19 @@ def choose_for_recall(curve: Iterable[LayerChoice], target_recall: float) -> Lay
     return replace(last, tau=None)
 
 
+def choose_per_layer(
+    curves: Iterable[Iterable[LayerChoice]],
+    target_recall: float,
+    layer_recall: Mapping[int, float],
+) -> list[LayerChoice]:
+    """``choose_for_recall`` on each layer's curve (curves in layer order), at the layer's
+    own target where ``layer_recall`` gives one, else at ``target_recall``."""
+    return [
+        choose_for_recall(curve, layer_recall.get(layer, target_recall))
+        for layer, curve in enumerate(curves)
+    ]
+
+
 def mean_density(choices: list[LayerChoice]) -> float:
     """What a profile costs: the mean over all layers of the share of causal blocks computed,
     a dense layer counting 1."""
@@ -170,9 +183,7 @@ def choose_for_density(
     }
     # With every layer's target given there is nothing to solve: one pass checks the budget.
     for target in sorted(common, reverse=True) or [0.0]:
-        choices = [
-            choose_for_recall(curve, own.get(layer, target)) for layer, curve in enumerate(curves)
-        ]
+        choices = choose_per_layer(curves, target, own)
         density = mean_density(choices)
         if density <= target_density:
             return choices
@@ -248,10 +259,7 @@ def calibrate(
         for layer, (q, k, _v) in enumerate(capture_qkv(model, ids))
     ]
     if target_recall is not None:
-        choices = [
-            choose_for_recall(curve, own.get(layer, target_recall))
-            for layer, curve in enumerate(curves)
-        ]
+        choices = choose_per_layer(curves, target_recall, own)
     else:
         choices = choose_for_density(
             [list(curve) for curve in curves], cast(float, target_density), own
